@@ -1,0 +1,187 @@
+"""Every user setting of FAM Diffusion, in one frozen object that feeds the UI, the API,
+the infotext and XYZ alike (spec §4 gives the defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+__all__ = ["FamParams", "FamParamError", "AM_BLOCKS_AUTO", "MAX_OUTPUT_BLOCK"]
+
+AM_BLOCKS_AUTO = "auto"
+MAX_OUTPUT_BLOCK = 11  # ldm/sgm UNets have at most 12 output blocks (SD1/SD2); SDXL has 9
+
+
+class FamParamError(ValueError):
+    """A FAM setting is invalid; the message names the field, the value and what is allowed."""
+
+    def __init__(self, field_name: str, value: Any, allowed: str):
+        self.field = field_name
+        super().__init__(f"FAM setting '{field_name}' = {value!r} is invalid: {allowed}")
+
+
+def _setting(default, info_key, label, doc, lo=None, hi=None, step=None):
+    return field(default=default, metadata=dict(
+        infotext=info_key, label=label, doc=doc, minimum=lo, maximum=hi, step=step))
+
+
+@dataclass(frozen=True)
+class FamParams:
+    """FAM settings. Positional order (`from_positional`, the WebUI script args) is the field
+    order below."""
+
+    enabled: bool = _setting(False, "FAM", "Enable FAM", "Run the high-resolution pass with FAM.")
+    fm_enabled: bool = _setting(
+        True, "FAM FM", "Frequency Modulation",
+        "Take the low frequencies of the high-res latent from the upsampled native image "
+        "(global structure).")
+    fm_cutoff: float = _setting(
+        0.5, "FAM FM cutoff", "FM cutoff c",
+        "Size of the guided low-frequency box as a fraction of the native latent size.",
+        0.0, 1.0, 0.05)
+    am_enabled: bool = _setting(
+        True, "FAM AM", "Attention Modulation",
+        "Blend the native self-attention maps into the high-res ones (coherent local texture).")
+    am_lambda: float = _setting(
+        0.7, "FAM AM lambda", "AM lambda",
+        "Weight of the native attention maps: 0 = plain attention, 1 = native maps only.",
+        0.0, 1.0, 0.05)
+    am_blocks: str = _setting(
+        AM_BLOCKS_AUTO, "FAM AM blocks", "AM blocks",
+        "'auto' (the first up-block with attention) or comma-separated ldm output block "
+        "indices, e.g. '3,4,5'.")
+    full_renoise: bool = _setting(
+        True, "FAM full re-noise", "Full re-noise",
+        "Re-noise the upsampled native latent to the start of the schedule (hires denoising "
+        "strength 1.0, as in the paper); off keeps the chosen denoising strength.")
+    record_budget_mb: int = _setting(
+        4096, "FAM record budget", "Record budget (MiB)",
+        "Memory the native attention record may take; above it the native UNet is re-run "
+        "at each high-res step instead (exact, slower).", 0, 65536, 64)
+    record_offload: bool = _setting(
+        True, "FAM record offload", "Keep record in RAM",
+        "On a GPU, keep the native record in CPU memory and copy one step at a time "
+        "(saves VRAM for a few % of time).")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check(f, getattr(self, f.name))
+        object.__setattr__(self, "am_blocks", _normalise_blocks(self.am_blocks))
+
+    # ---- derived -------------------------------------------------------------------
+    @property
+    def am_block_indices(self) -> tuple[int, ...] | None:
+        """The chosen output-block indices, or None for the architecture's default."""
+        if self.am_blocks == AM_BLOCKS_AUTO:
+            return None
+        return tuple(int(s) for s in self.am_blocks.split(","))
+
+    @property
+    def record_budget_bytes(self) -> int:
+        return self.record_budget_mb * 2**20
+
+    # ---- conversions ---------------------------------------------------------------
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FamParams":
+        if not isinstance(d, Mapping):
+            raise FamParamError("args", d, "expected a dict of FAM settings")
+        unknown = sorted(set(d) - set(cls.names()))
+        if unknown:
+            raise FamParamError(
+                unknown[0], d[unknown[0]],
+                f"unknown key(s) {unknown}; allowed keys: {', '.join(cls.names())}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_positional(cls, args: Sequence[Any]) -> "FamParams":
+        """Positional values in field order; missing trailing values take their defaults."""
+        names = cls.names()
+        if len(args) > len(names):
+            raise FamParamError(
+                "args", list(args), f"at most {len(names)} positional values ({', '.join(names)})")
+        return cls(**dict(zip(names, args)))
+
+    def to_positional(self) -> list[Any]:
+        return [getattr(self, n) for n in self.names()]
+
+    def to_infotext(self) -> dict[str, Any]:
+        """Infotext entries ("FAM …" keys); empty when FAM is off."""
+        if not self.enabled:
+            return {}
+        return {f.metadata["infotext"]: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_infotext(cls, info: Mapping[str, Any]) -> "FamParams":
+        """Inverse of `to_infotext`, from parsed infotext values (strings or typed)."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            key = f.metadata["infotext"]
+            if key in info:
+                values[f.name] = _parse_text(f, info[key])
+        return cls(**values)
+
+    def replace(self, **changes) -> "FamParams":
+        return dataclasses.replace(self, **changes)
+
+
+def _check(f: dataclasses.Field, v: Any) -> None:
+    if f.type in ("bool", bool):
+        if not isinstance(v, bool):
+            raise FamParamError(f.name, v, "expected true or false")
+        return
+    if f.type in ("str", str):
+        if not isinstance(v, str):
+            raise FamParamError(f.name, v, _blocks_allowed())
+        _normalise_blocks(v, f.name)
+        return
+    is_int = f.type in ("int", int)
+    lo, hi = f.metadata["minimum"], f.metadata["maximum"]
+    kind = "an integer" if is_int else "a number"
+    if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+            or (is_int and v != int(v))):
+        raise FamParamError(f.name, v, f"expected {kind} in [{lo}, {hi}]")
+    if not lo <= v <= hi:
+        raise FamParamError(f.name, v, f"expected {kind} in [{lo}, {hi}]")
+
+
+def _blocks_allowed() -> str:
+    return (f"expected '{AM_BLOCKS_AUTO}' or comma-separated output block indices "
+            f"0-{MAX_OUTPUT_BLOCK}, e.g. '3,4,5'")
+
+
+def _normalise_blocks(v: str, name: str = "am_blocks") -> str:
+    s = v.strip().lower()
+    if s == AM_BLOCKS_AUTO:
+        return s
+    parts = [p.strip() for p in s.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) <= MAX_OUTPUT_BLOCK for p in parts):
+        raise FamParamError(name, v, _blocks_allowed())
+    return ",".join(str(i) for i in sorted({int(p) for p in parts}))
+
+
+def _parse_text(f: dataclasses.Field, raw: Any) -> Any:
+    if not isinstance(raw, str):
+        return int(raw) if f.type in ("int", int) and isinstance(raw, float) else raw
+    s = raw.strip()
+    if f.type in ("bool", bool):
+        if s.lower() in ("true", "1", "yes", "on"):
+            return True
+        if s.lower() in ("false", "0", "no", "off"):
+            return False
+        raise FamParamError(f.name, raw, "expected True or False")
+    if f.type in ("str", str):
+        return s.strip('"')
+    try:
+        num = float(s)
+    except ValueError:
+        raise FamParamError(f.name, raw, "expected a number") from None
+    return int(num) if f.type in ("int", int) and num == int(num) else num
