@@ -161,7 +161,11 @@ class FamRun:
         if entry is None:
             return None
         if self._maps is not None and self._maps.sigma == entry.sigma:
-            return self._maps
+            if not isinstance(self.record, ReferenceRecord) or self._covers(self._maps):
+                return self._maps
+            # a reference replay covers only the rows of its own call: a split CFG call
+            # at the same σ (cond chunk, then uncond) adds its rows to the same entry
+            return self._replay(entry, self._maps)
         if self.record.recompute:
             return self._replay(entry)
         on_device = NativeEntry(entry.sigma)
@@ -170,10 +174,14 @@ class FamRun:
                                      for r, t in per_role.items()}
         return on_device
 
-    def _replay(self, entry: NativeEntry) -> NativeEntry | None:
+    def _covers(self, maps: NativeEntry) -> bool:
+        by_role = next(iter(maps.maps.values()), {})
+        return all(r in by_role or r.fallback() in by_role for r in self._roles)
+
+    def _replay(self, entry: NativeEntry, scratch: NativeEntry | None = None) -> NativeEntry | None:
         if self._replay_fn is None or not entry.replays:
             return None
-        scratch = NativeEntry(entry.sigma)
+        scratch = scratch or NativeEntry(entry.sigma)
         self.phase = REPLAY
         try:
             for payload in entry.replays:
