@@ -131,3 +131,19 @@ def test_memory_is_linear_in_tokens():
     assert fam < 24 * linear_bytes, f"FAM AM call grew peak RSS by {fam / 2**20:.0f} MiB"
     naive = _peak_growth("naive")
     assert naive > N * N * 4 * 0.9, f"probe blind: naive attention grew only {naive / 2**20:.0f} MiB"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("hw", [((64, 64), (32, 32)), ((96, 48), (32, 24)), ((48, 48), (32, 32))])
+def test_cuda_half_matches_reference_and_stays_linear(hw):
+    (H, W), (h, w) = hw
+    q, k, v = (rand((2, 4, H * W, 64), i).cuda().half() for i in range(3))
+    qn, kn = (rand((2, 4, h * w, 64), 7 + i).cuda().half() for i in range(2))
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = modulated_attention(q, k, v, qn, kn, 0.7, (H, W), (h, w))
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 8 * q.numel() * q.element_size()          # O(N·d), never N×N
+    ref = reference(q.cpu(), k.cpu(), v.cpu(), qn.cpu(), kn.cpu(), 0.7, (H, W), (h, w))
+    torch.testing.assert_close(out.cpu().double(), ref, atol=5e-3, rtol=0)

@@ -118,3 +118,20 @@ def test_plain_hires_when_disabled(unets):
     before = processors(unets["sd15"])
     r = run(unets["sd15"], "sd15", params=FamParams(enabled=False))
     assert r.run is None and processors(unets["sd15"]) == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_offloaded_record_equals_device_record():
+    from conftest import tiny_sdxl
+    unet = tiny_sdxl().cuda()
+    sched = diffusers.EulerDiscreteScheduler(**SCHED_KW)
+    cond = cfg_cond("sdxl")
+    cond.states = cond.states.cuda()
+    cond.added = {k: v.cuda() for k, v in cond.added.items()}
+    out = {}
+    for offload in (False, True):
+        r = generate(unet, sched, cond, native_hw=NATIVE, hires_hw=(32, 32), steps=4,
+                     params=ON.replace(record_offload=offload))
+        assert r.run.am_calls > 0 and not r.run.am_skipped
+        out[offload] = r.hires
+    torch.testing.assert_close(out[True], out[False], atol=0, rtol=0)

@@ -73,3 +73,15 @@ def test_half_precision_inputs_use_float32_fft(dtype):
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match="same shape"):
         frequency_modulate(torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 9), 0.5, (4, 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_matches_reference(dtype):
+    g = torch.Generator().manual_seed(3)
+    z, z_ref = torch.randn(2, 2, 4, 67, 45, generator=g)
+    out = frequency_modulate(z.cuda().to(dtype), z_ref.cuda().to(dtype), 0.4, (30, 20))
+    assert out.device.type == "cuda" and out.dtype == dtype
+    ref = reference(z.to(dtype).double(), z_ref.to(dtype).double(), 0.4, (30, 20), 0.5)
+    tol = 2e-5 if dtype == torch.float32 else 6e-2
+    torch.testing.assert_close(out.cpu().double(), ref, atol=tol, rtol=0)
