@@ -105,7 +105,7 @@ class FamRun:
         if self.phase == NATIVE:
             self.native_hw = self._latent_hw
             self._entry = self.record.entry(sigma)
-            if replay is not None:
+            if replay is not None and self.params.am_enabled:
                 self._entry.replays.append(replay)
         elif self.phase == HIRES:
             self._maps = self._ready_maps(sigma)
@@ -114,10 +114,12 @@ class FamRun:
     def on_attn1(self, layer: str, hidden: torch.Tensor) -> AmContext | None:
         """Called with the normalised attn1 input (rows, tokens, C) of an AM layer. Returns
         the context to modulate with, or None: run the layer's own attention."""
+        if not self.params.am_enabled or self.params.am_lambda == 0:
+            return None
         if self.phase in (NATIVE, REPLAY):
             self._record(layer, hidden)
             return None
-        if self.phase != HIRES or not self.params.am_enabled or self.params.am_lambda == 0:
+        if self.phase != HIRES:
             return None
         ctx, reason = self._context(layer, hidden)
         if ctx is None:
