@@ -1,0 +1,144 @@
+"""Against a running AUTOMATIC1111 1.10 with this extension installed (any SD1 checkpoint;
+a tiny random one on CPU is enough). Skipped unless FAM_A1111_URL is set, e.g.
+FAM_A1111_URL=http://127.0.0.1:7861 python -m pytest -q tests/live"""
+
+import base64
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+
+import pytest
+
+URL = os.environ.get("FAM_A1111_URL", "").rstrip("/")
+pytestmark = pytest.mark.skipif(not URL, reason="FAM_A1111_URL is not set")
+TITLE = "FAM Diffusion"
+BASE = {"prompt": "a lighthouse on a cliff", "negative_prompt": "blurry", "steps": 4,
+        "width": 256, "height": 256, "sampler_name": "Euler", "seed": 7,
+        "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 4,
+        "denoising_strength": 0.7}
+
+
+def call(path, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(URL + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def fam(**settings):
+    return {"alwayson_scripts": {TITLE: {"args": [{"enabled": True, **settings}]}}}
+
+
+def generate(path="/sdapi/v1/txt2img", **body):
+    status, r = call(path, body)
+    assert status == 200, r
+    return r
+
+
+def pixels(r):
+    Image = pytest.importorskip("PIL.Image")
+    return [Image.open(io.BytesIO(base64.b64decode(i))) for i in r["images"]]
+
+
+def same_pixels(a, b):
+    return [im.tobytes() for im in pixels(a)] == [im.tobytes() for im in pixels(b)]
+
+
+def infotext(r, i=0):
+    return json.loads(r["info"])["infotexts"][i]
+
+
+def settings(text):
+    last = text.rsplit("\n", 1)[-1]
+    return dict(kv.split(": ", 1) for kv in last.split(", ") if kv.startswith("FAM"))
+
+
+def test_script_info_lists_every_setting_with_its_range():
+    status, scripts = call("/sdapi/v1/script-info")
+    mine = [s for s in scripts if s["name"] == TITLE.lower() and not s["is_img2img"]]
+    assert status == 200 and len(mine) == 1
+    args = {a["label"]: a for a in mine[0]["args"]}
+    assert args["AM lambda"]["minimum"] == 0 and args["AM lambda"]["maximum"] == 1
+    assert args["FM cutoff c"]["value"] == 0.5 and len(args) == 9
+
+
+def test_txt2img_hires_with_and_without_fam():
+    plain = generate(**BASE)
+    with_fam = generate(**BASE, **fam())
+    assert [im.size for im in pixels(with_fam)] == [(512, 512)]
+    assert not same_pixels(plain, with_fam)
+    info = settings(infotext(with_fam))
+    assert info["FAM"] == "True" and info["FAM AM lambda"] == "0.7"
+    assert "FAM AM skipped" not in info
+    assert "Denoising strength: 1.0" in infotext(with_fam)      # full re-noise
+    assert not settings(infotext(plain))
+
+
+def test_dict_and_positional_forms_give_the_same_image():
+    as_dict = generate(**BASE, **fam(am_lambda=0.5))
+    positional = [True, True, 0.5, True, 0.5, "auto", True, 4096, True]
+    as_list = generate(**BASE, alwayson_scripts={TITLE: {"args": positional}})
+    assert same_pixels(as_dict, as_list)
+
+
+@pytest.mark.parametrize("body, key", [
+    (fam(fm_cutof=0.3), "fm_cutof"),
+    (fam(am_lambda=1.5), "am_lambda"),
+    (fam(record_budget_mb="lots"), "record_budget_mb"),
+    (fam(am_blocks="0,1"), "AM blocks"),
+    ({**fam(), "enable_hr": False}, "Hires. fix"),
+])
+def test_bad_requests_get_a_422_naming_the_problem(body, key):
+    status, r = call("/sdapi/v1/txt2img", {**BASE, **body})
+    assert status == 422, r
+    assert key in r["detail"] and "Traceback" not in json.dumps(r)
+
+
+def test_infotext_round_trip():
+    first = generate(**BASE, **fam(am_lambda=0.55, am_blocks="3,4", fm_cutoff=0.4))
+    text = infotext(first)
+    # hr_sampler_name: the WebUI's API rejects its own default when the infotext has none
+    again = generate(infotext=text, hr_sampler_name="Euler")
+    assert settings(infotext(again)) == settings(text)
+    assert same_pixels(first, again)
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M", "Heun", "DDIM", "UniPC"])
+def test_samplers_are_guided_without_skips(sampler):
+    r = generate(**{**BASE, "sampler_name": sampler}, **fam())
+    assert "FAM AM skipped" not in infotext(r)
+
+
+def test_batch_and_and_prompts():
+    body = {**BASE, "prompt": "a lighthouse AND a storm :0.5", "batch_size": 2}
+    r = generate(**body, **fam())
+    assert len(r["images"]) == 2 and "FAM AM skipped" not in infotext(r)
+
+
+def test_img2img_upscaling():
+    source = generate(**{**BASE, "enable_hr": False})
+    body = {"init_images": [source["images"][0]], "prompt": BASE["prompt"], "steps": 4,
+            "width": 640, "height": 640, "sampler_name": "Euler", "seed": 3,
+            "denoising_strength": 0.6}
+    plain = generate("/sdapi/v1/img2img", **body)
+    with_fam = generate("/sdapi/v1/img2img", **body, **fam())
+    assert [im.size for im in pixels(with_fam)] == [(640, 640)]
+    assert not same_pixels(plain, with_fam)
+    info = settings(infotext(with_fam))
+    assert info["FAM AM path"] == "recompute" and "FAM AM skipped" not in info
+    status, r = call("/sdapi/v1/img2img", {**body, "width": 512, "height": 512, **fam()})
+    assert status == 422 and "larger than the model's native size" in r["detail"]
+
+
+def test_plain_generation_after_fam_is_bit_identical():
+    before = generate(**BASE)
+    generate(**BASE, **fam())
+    call("/sdapi/v1/txt2img", {**BASE, **fam(am_lambda=2)})         # a failed request too
+    generate(**BASE, **fam(fm_enabled=False, am_enabled=False, full_renoise=False))
+    after = generate(**BASE)
+    assert same_pixels(before, after)
