@@ -66,6 +66,7 @@ class FamScript(scripts.Script):
             with gr.Row():
                 for name in ("am_blocks", "record_budget_mb"):
                     controls[name] = self._control(spec[name])
+        enabled.accordion.webui_tooltip = spec["enabled"].metadata["doc"]  # shown by hints.js
         ordered = [enabled] + [controls[n] for n in FamParams.names()[1:]]
         self.infotext_fields = [PasteField(c, _paste(n)) for c, n in zip(ordered, FamParams.names())]
         return ordered
