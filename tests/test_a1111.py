@@ -374,3 +374,22 @@ def test_reference_size_keeps_aspect_at_native_area(size, native, expect):
     w, h = reference_size(*size, native)
     assert (w, h) == expect and w % 8 == 0 and h % 8 == 0
     assert math.isclose(w * h, native * native, rel_tol=0.02)
+
+
+def test_a_unet_that_never_calls_its_attn1_layers_is_noted():
+    hooked, other = sd1_like(0), sd1_like(1)      # e.g. a TensorRT engine runs instead
+    gen = FamGeneration(ON, discover(hooked), SCHEDULE)
+    gen.install()
+    cond, uncond = conds()
+    try:
+        with torch.no_grad():
+            cfg = CFG(other)
+            gen.record_native(cfg, vp=False)
+            native = euler(cfg, torch.randn(1, 4, *NATIVE) * 14.6, sigmas(), cond, uncond)
+            cfg = CFG(other)
+            z0, eps = F.interpolate(native, size=HIRES), torch.randn(1, 4, *HIRES)
+            gen.guide_hires(cfg, z0, eps, vp=False)
+            euler(cfg, z0 + 14.6 * eps, sigmas(), cond, uncond)
+        assert gen.report()["FAM note"].startswith("AM did not run")
+    finally:
+        gen.remove()

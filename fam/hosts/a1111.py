@@ -244,7 +244,12 @@ class FamGeneration:
             self._patch(cfg, "forward", raise_error)
 
     def report(self) -> dict[str, str]:
-        return {**self.run.report(), **self.notes}
+        """Infotext entries: the run's skips and paths, plus what only the host can see."""
+        run, notes = self.run, dict(self.notes)
+        if (self.mode == "hires" and self.params.am_enabled and self.params.am_lambda > 0
+                and not self._am_off and run.am_calls == 0 and not run.am_skipped):
+            notes["FAM note"] = "AM did not run: the UNet never called its attn1 layers"
+        return {**run.report(), **notes}
 
     # ---- the denoiser wrappers -----------------------------------------------------
     def sigma_of(self, sigma: Any, vp: bool) -> float:
