@@ -224,12 +224,15 @@ def _begin_pass(p, gen, cfg, x, noise):
 def _encode_reference(p, pil_images, width, height, like):
     """Native reference latents: each input image resized to width×height and VAE-encoded,
     one per row of `like` (a single input image serves the whole batch, as in img2img)."""
-    mode = p.resize_mode if getattr(p, "resize_mode", 0) in (0, 1, 2) else 0
+    mode = getattr(p, "resize_mode", 0)  # img2img's crop/fill choice; txt2img has none
+    mode = mode if mode in (0, 1, 2) else 0
     arrays = [np.asarray(images.resize_image(mode, im.convert("RGB"), width, height),
                          dtype=np.float32) / 255.0 for im in pil_images]
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     approx = sd_samplers_common.approximation_indexes.get(shared.opts.sd_vae_encode_method)
-    with torch.no_grad():
+    # the VAE samples its posterior with the global RNG: leave the WebUI's stream untouched
+    cuda = [like.device] if like.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
         latents = sd_samplers_common.images_tensor_to_samples(batch, approx, p.sd_model)
     rows = like.shape[0]
     if latents.shape[0] == 1 and rows > 1:

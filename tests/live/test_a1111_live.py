@@ -6,6 +6,8 @@ import base64
 import io
 import json
 import os
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -133,6 +135,42 @@ def test_img2img_upscaling():
     assert info["FAM AM path"] == "recompute" and "FAM AM skipped" not in info
     status, r = call("/sdapi/v1/img2img", {**body, "width": 512, "height": 512, **fam()})
     assert status == 422 and "larger than the model's native size" in r["detail"]
+
+
+def test_xyz_axes_for_fam_settings():
+    _, scripts = call("/sdapi/v1/script-info")
+    xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    axes = xyz["args"][0]["choices"]
+    assert {"[FAM] Enable FAM", "[FAM] AM lambda", "[FAM] FM cutoff c"} <= set(axes)
+    x, y = axes.index("[FAM] AM lambda"), axes.index("[FAM] Enable FAM")
+    grid = generate(**BASE, script_name="x/y/z plot", script_args=[
+        x, "0.0, 0.7", None, y, "", ["False", "True"], 0, "", None,
+        True, True, False, False, False, False, False, 0, False])
+    cells = grid["images"][1:]                      # the grid image comes first
+    texts = json.loads(grid["info"])["infotexts"][1:]
+    plain = generate(**BASE)
+    am_off = generate(**BASE, **fam(am_enabled=False))
+    on = generate(**BASE, **fam())
+    order = [plain, plain, am_off, on]               # (λ 0, off) (λ .7, off) (λ 0, on) (λ .7, on)
+    assert [same_pixels({"images": [c]}, want) for c, want in zip(cells, order)] == [True] * 4
+    assert "FAM" not in settings(texts[0]) and settings(texts[3])["FAM AM lambda"] == "0.7"
+
+
+def test_interrupt_leaves_nothing_behind():
+    before = generate(**BASE)
+    result = {}
+    slow = {**BASE, "steps": 12, "hr_second_pass_steps": 12, **fam()}
+    worker = threading.Thread(target=lambda: result.update(r=call("/sdapi/v1/txt2img", slow)))
+    worker.start()
+    deadline = time.time() + 120
+    while time.time() < deadline:                   # interrupt inside the hires (FAM) pass
+        if call("/sdapi/v1/progress?skip_current_image=true")[1]["progress"] > 0.6:
+            break
+        time.sleep(0.2)
+    call("/sdapi/v1/interrupt", {})
+    worker.join()
+    assert result["r"][0] == 200
+    assert same_pixels(before, generate(**BASE))
 
 
 def test_plain_generation_after_fam_is_bit_identical():
