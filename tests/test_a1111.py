@@ -184,6 +184,26 @@ def test_hook_dispatches_other_calls_to_the_class_forward_and_restores():
     assert "forward" not in layer.module.__dict__
 
 
+def test_only_plain_self_attention_reaches_the_run():
+    unet = sd1_like()
+    layer = discover(unet).am_layers()[0]
+    asked, passed = [], []
+    layer.module.forward = lambda x, **kw: passed.append(sorted(kw)) or x   # sgm-like forward
+    run = SimpleNamespace(on_attn1=lambda name, hidden: asked.append(name))
+    hook = Attn1Hook(SimpleNamespace(in_unet_call=True, run=run), layer)
+    hook.install()
+    x = torch.randn(2, 16, layer.module.to_q.in_features)
+    try:
+        layer.module(x, context=torch.randn(2, 3, x.shape[-1]))
+        layer.module(x, mask=torch.ones(2, 16, dtype=torch.bool))
+        layer.module(x, additional_tokens=torch.ones(2, 1, x.shape[-1]))
+        assert asked == [] and len(passed) == 3
+        layer.module(x, additional_tokens=None, n_times_crossframe_attn_in_self=0)
+        assert asked == [layer.name] and len(passed) == 4   # asked, declined, passed on
+    finally:
+        hook.remove()
+
+
 def test_hook_keeps_an_earlier_instance_wrapper_and_survives_one_put_on_top():
     unet = sd1_like()
     layer = discover(unet).am_layers()[0]

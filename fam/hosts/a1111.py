@@ -71,6 +71,13 @@ class RowCursor:
         return out
 
 
+def _plain_self_attention(x, context, mask, extra: Mapping[str, Any]) -> bool:
+    """A call FAM can modulate: self-attention on (rows, tokens, C) with nothing extra (sgm
+    passes `additional_tokens=None, n_times_crossframe_attn_in_self=0`)."""
+    return (x.ndim == 3 and context is None and mask is None
+            and all(v is None or (isinstance(v, int) and not v) for v in extra.values()))
+
+
 class Attn1Hook:
     """Instance `forward` of one attn1 layer for one generation: a self-attention call made
     while FAM is inside a UNet call goes to the run (record, or modulate with the native
@@ -89,8 +96,7 @@ class Attn1Hook:
 
     def __call__(self, x, context=None, mask=None, **kwargs):
         gen = self.gen
-        if (gen is not None and gen.in_unet_call and context is None and mask is None
-                and not any(kwargs.values()) and x.ndim == 3):
+        if gen is not None and gen.in_unet_call and _plain_self_attention(x, context, mask, kwargs):
             ctx = gen.run.on_attn1(self.name, x)
             if ctx is not None:
                 return am_self_attention(self.module, x, ctx)
