@@ -30,7 +30,6 @@ from fam.schedule import VPSchedule  # noqa: E402
 
 TITLE = "FAM Diffusion"
 GEN_ATTR = "_fam_generation"
-INFOTEXT_PREFIX = "FAM"
 
 HINT_TXT2IMG = ("FAM works inside Hires. fix: the first pass is the native image, the Hires. fix "
                 "pass is the FAM pass. Turn on Hires. fix (upscale by 1.5-4) to use it.")
@@ -83,7 +82,7 @@ class FamScript(scripts.Script):
     def process(self, p, *args):
         """Decide per generation: clean FAM infotext (XYZ cells share the dict), read the
         settings, and either put the FAM sampler on this p or the error it must raise."""
-        for key in [k for k in p.extra_generation_params if k.startswith(INFOTEXT_PREFIX)]:
+        for key in [k for k in p.extra_generation_params if k == "FAM" or k.startswith("FAM ")]:
             del p.extra_generation_params[key]
         setattr(p, GEN_ATTR, None)
         try:
