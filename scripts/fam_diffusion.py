@@ -134,6 +134,10 @@ def _check_request(p):
                 "FAM Diffusion runs in the Hires. fix pass: enable Hires. fix "
                 "(API: \"enable_hr\": true) or turn FAM off")
         return
+    if getattr(p, "image_mask", None) is not None:
+        raise FamRequestError(
+            "FAM Diffusion upscales whole images and does not inpaint: remove the mask "
+            "or turn FAM off")
     side = _native_side(p.sd_model)
     if p.width * p.height <= side * side:
         raise FamRequestError(

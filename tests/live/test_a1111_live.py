@@ -135,6 +135,8 @@ def test_img2img_upscaling():
     assert info["FAM AM path"] == "recompute" and "FAM AM skipped" not in info
     status, r = call("/sdapi/v1/img2img", {**body, "width": 512, "height": 512, **fam()})
     assert status == 422 and "larger than the model's native size" in r["detail"]
+    status, r = call("/sdapi/v1/img2img", {**body, "mask": source["images"][0], **fam()})
+    assert status == 422 and "does not inpaint" in r["detail"]
 
 
 def test_xyz_axes_for_fam_settings():
