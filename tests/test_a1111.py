@@ -23,6 +23,8 @@ ON = FamParams(enabled=True)
 BETAS = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
 SCHEDULE = VPSchedule(torch.cumprod(1 - BETAS, 0))
 NATIVE, HIRES = (8, 8), (16, 16)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
 # ---- a stand-in for A1111's denoisers ---------------------------------------------------
@@ -107,12 +109,17 @@ def ddim(cfg, x, ts, cond, uncond, scale=5.0):
 
 
 def generate(unet, params=ON, batch=1, parts=1, split=None, skip_uncond=False, vp=False,
-             reference=False):
-    """Native pass then high-res pass as the WebUI runs them, FAM on both when enabled."""
+             reference=False, device="cpu"):
+    """Native pass then high-res pass as the WebUI runs them, FAM on both when enabled
+    (fp16 on CUDA, as the WebUI runs there)."""
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    unet.to(device, dtype)
     cond, uncond = conds(batch, parts)
+    cond.batch = [[t.to(device, dtype) for t in parts_] for parts_ in cond.batch]
+    uncond = uncond.to(device, dtype)
     g = torch.Generator().manual_seed(1)
-    noise_n = torch.randn(batch, 4, *NATIVE, generator=g)
-    noise_h = torch.randn(batch, 4, *HIRES, generator=g)
+    noise_n = torch.randn(batch, 4, *NATIVE, generator=g).to(device, dtype)
+    noise_h = torch.randn(batch, 4, *HIRES, generator=g).to(device, dtype)
     gen = None
     if params.enabled:
         gen = FamGeneration(params, discover(unet), SCHEDULE, "tiny")
@@ -127,7 +134,7 @@ def generate(unet, params=ON, batch=1, parts=1, split=None, skip_uncond=False, v
                 native = ddim(cfg, noise_n, ts, cond, uncond)
             else:
                 native = euler(cfg, noise_n * 14.6, sigmas(), cond, uncond)
-            z0 = F.interpolate(native, size=HIRES, mode="bicubic")
+            z0 = F.interpolate(native.float(), size=HIRES, mode="bicubic").to(dtype)
             cfg = CFG(unet, vp, split, skip_uncond)
             if gen:
                 gen.guide_hires(cfg, z0, noise_h, vp, reference=native if reference else None)
@@ -243,12 +250,13 @@ def test_double_install_is_refused():
 
 
 # ---- end to end on the stand-in -------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("make", [sd1_like, sdxl_like], ids=["sd1", "sdxl"])
-def test_fam_records_then_guides_and_removes_everything(make):
+def test_fam_records_then_guides_and_removes_everything(make, device):
     unet = make()
     before = forwards(unet)
-    plain = generate(unet, FamParams()).out
-    a, b = generate(unet), generate(unet)
+    plain = generate(unet, FamParams(), device=device).out
+    a, b = generate(unet, device=device), generate(unet, device=device)
     assert forwards(unet) == before and "forward" not in a.cfg.__dict__
     assert "forward" not in a.cfg.inner_model.__dict__
     assert torch.equal(a.out, b.out) and torch.isfinite(a.out).all()
@@ -288,28 +296,32 @@ def test_uncond_skipped_calls_are_guided_too():
     assert r.cfg.rows_seen == [2] * 4 and not r.gen.run.am_skipped and r.gen.run.am_calls > 0
 
 
-def test_record_and_recompute_paths_agree():
+@pytest.mark.parametrize("device", DEVICES)
+def test_record_and_recompute_paths_agree(device):
     unet = sd1_like()
-    rec = generate(unet, batch=2, parts=2, split=2)
-    rep = generate(unet, ON.replace(record_budget_mb=0), batch=2, parts=2, split=2)
+    rec = generate(unet, batch=2, parts=2, split=2, device=device)
+    rep = generate(unet, ON.replace(record_budget_mb=0), batch=2, parts=2, split=2,
+                   device=device)
     assert rep.info == {"FAM AM path": "recompute"} and rep.gen.run.replays == 4 * 3
     assert torch.equal(rec.out, rep.out)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("split", [None, 2])
-def test_reference_path_for_img2img_and_the_upscale_button(split):
+def test_reference_path_for_img2img_and_the_upscale_button(split, device):
     unet = sd1_like()
-    r = generate(unet, batch=2, split=split, reference=True)
+    r = generate(unet, batch=2, split=split, reference=True, device=device)
     assert torch.isfinite(r.out).all() and not r.gen.run.am_skipped
     assert r.gen.run.am_calls == 4 * len(r.gen.layers) * (1 if split is None else 2)
     assert r.info == {"FAM AM path": "recompute"}
-    plain = generate(unet, FamParams(), batch=2, split=split).out
+    plain = generate(unet, FamParams(), batch=2, split=split, device=device).out
     assert not torch.equal(r.out, plain)
 
 
-def test_timestep_samplers_in_vp_form():
+@pytest.mark.parametrize("device", DEVICES)
+def test_timestep_samplers_in_vp_form(device):
     unet = sd1_like()
-    r = generate(unet, vp=True)
+    r = generate(unet, vp=True, device=device)
     assert torch.isfinite(r.out).all() and r.gen.run.fm_calls == 5 and not r.gen.run.am_skipped
     assert r.gen.run.am_calls == 5 * len(r.gen.layers)
     assert r.gen.sigma_of(torch.tensor([501.0]), vp=True) == pytest.approx(SCHEDULE.t_to_sigma(501))
