@@ -166,6 +166,7 @@ class FamGeneration:
         self._current = None
         self._ref = self._ref_eps = None
         self._vp = False
+        self._hires_unet_calls = 0
         self.error: BaseException | None = None
 
     # ---- install / remove ----------------------------------------------------------
@@ -252,7 +253,7 @@ class FamGeneration:
     def report(self) -> dict[str, str]:
         """Infotext entries: the run's skips and paths, plus what only the host can see."""
         run, notes = self.run, dict(self.notes)
-        if (self.mode == "hires" and self.params.am_enabled and self.params.am_lambda > 0
+        if (self._hires_unet_calls and self.params.am_enabled and self.params.am_lambda > 0
                 and not self._am_off and run.am_calls == 0 and not run.am_skipped):
             notes["FAM note"] = "AM did not run: the UNet never called its attn1 layers"
         return {**run.report(), **notes}
@@ -288,6 +289,7 @@ class FamGeneration:
                 call = functools.partial(inner_forward, x, sigma, **kwargs)
                 self.run.begin_call(s, roles, hw, replay=_NativeCall(s, roles, hw, call))
             else:
+                self._hires_unet_calls += 1
                 self._current = (x, sigma, kwargs, roles, inner_forward)
                 self.run.begin_call(s, roles, hw)
             return self._unet(inner_forward, x, sigma, **kwargs)
