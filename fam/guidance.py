@@ -84,6 +84,8 @@ class FamRun:
         `reference_native_hw` there was no native pass: the maps come from `replay_fn(σ)`."""
         if reference_native_hw is not None:
             self.record, self.native_hw = ReferenceRecord(), tuple(reference_native_hw)
+        elif self.record is not None and not self.record.recompute:
+            self.record.drop_replays()   # every map fits: the native inputs are not needed
         self.phase = HIRES
         self._z0, self._eps, self._vp = z0, eps, vp
         self._replay_fn, self._replay_can_stop = replay_fn, replay_can_stop

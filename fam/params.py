@@ -57,7 +57,7 @@ class FamParams:
         "Re-noise the upsampled native latent to the start of the schedule (hires denoising "
         "strength 1.0, as in the paper); off keeps the chosen denoising strength.")
     record_budget_mb: int = _setting(
-        4096, "FAM record budget", "Record budget (MiB)",
+        8192, "FAM record budget", "Record budget (MiB)",
         "Memory the native attention record may take; above it the native UNet is re-run "
         "at each high-res step instead (exact, slower).", 0, 65536, 64)
     record_offload: bool = _setting(

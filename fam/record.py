@@ -90,6 +90,10 @@ class NativeRecord:
             per_role[r] = row
         self.map_bytes += size
 
+    def drop_replays(self) -> None:
+        for e in self._entries.values():
+            e.replays.clear()
+
     def _switch_to_recompute(self) -> None:
         self.recompute = True
         self.map_bytes = 0

@@ -36,7 +36,7 @@ def _is_int(f: dataclasses.Field) -> bool:
 
 
 def _coerce(name: str, value: Any) -> Any:
-    """Gradio sliders deliver whole numbers as floats (4096.0): give int fields an int."""
+    """Gradio sliders deliver whole numbers as floats (8192.0): give int fields an int."""
     f = next((f for f in fields() if f.name == name), None)
     if f is not None and _is_int(f) and isinstance(value, float) and value.is_integer():
         return int(value)

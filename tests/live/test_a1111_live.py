@@ -83,7 +83,7 @@ def test_txt2img_hires_with_and_without_fam():
 
 def test_dict_and_positional_forms_give_the_same_image():
     as_dict = generate(**BASE, **fam(am_lambda=0.5))
-    positional = [True, True, 0.5, True, 0.5, "auto", True, 4096, True]
+    positional = [True, True, 0.5, True, 0.5, "auto", True, 8192, True]
     as_list = generate(**BASE, alwayson_scripts={TITLE: {"args": positional}})
     assert same_pixels(as_dict, as_list)
 
