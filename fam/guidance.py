@@ -164,14 +164,13 @@ class FamRun:
         entry = self.record.nearest(sigma)
         if entry is None:
             return None
-        if self._maps is not None and self._maps.sigma == entry.sigma:
-            if not isinstance(self.record, ReferenceRecord) or self._covers(self._maps):
-                return self._maps
-            # a reference replay covers only the rows of its own call: a split CFG call
-            # at the same σ (cond chunk, then uncond) adds its rows to the same entry
-            return self._replay(entry, self._maps)
+        cached = self._maps if self._maps is not None and self._maps.sigma == entry.sigma else None
+        if cached is not None and (not self.record.recompute or self._covers(cached)):
+            return cached
         if self.record.recompute:
-            return self._replay(entry)
+            # a replay may cover only its own call's rows (reference path): a split CFG call
+            # at the same σ (cond chunk, then uncond) adds its rows to the cached entry
+            return self._replay(entry, cached)
         on_device = NativeEntry(entry.sigma)
         for layer, per_role in entry.maps.items():
             on_device.maps[layer] = {r: t.to(self._device, non_blocking=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
@@ -51,6 +51,10 @@ class NativeEntry:
         return torch.stack(picked)
 
 
+def _log_sigma(sigma: float) -> float:
+    return math.log(max(float(sigma), 1e-12))
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -65,6 +69,7 @@ class NativeRecord:
         self.map_bytes = 0
         self._entries: dict[float, NativeEntry] = {}
         self._sorted: list[NativeEntry] = []
+        self._keys: list[float] = []     # log σ of `_sorted`, for bisection
 
     # ---- native pass ----------------------------------------------------------------
     def entry(self, sigma: float) -> NativeEntry:
@@ -73,6 +78,7 @@ class NativeRecord:
         if e is None:
             e = self._entries[sigma] = NativeEntry(sigma)
             self._sorted = sorted(self._entries.values(), key=lambda x: x.sigma)
+            self._keys = [_log_sigma(x.sigma) for x in self._sorted]
         return e
 
     def add(self, entry: NativeEntry, layer: str, roles: Sequence[Role],
@@ -101,9 +107,6 @@ class NativeRecord:
             e.maps.clear()
 
     # ---- high-res pass --------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self._sorted)
-
     @property
     def sigmas(self) -> list[float]:
         return [e.sigma for e in self._sorted]
@@ -112,8 +115,7 @@ class NativeRecord:
         """The native evaluation with the nearest σ (in log σ)."""
         if not self._sorted:
             return None
-        keys = [math.log(max(e.sigma, 1e-12)) for e in self._sorted]
-        x = math.log(max(float(sigma), 1e-12))
+        keys, x = self._keys, _log_sigma(sigma)
         i = bisect.bisect_left(keys, x)
         cands = [j for j in (i - 1, i) if 0 <= j < len(keys)]
         return self._sorted[min(cands, key=lambda j: abs(keys[j] - x))]
@@ -134,9 +136,3 @@ class ReferenceRecord:
         if self._last is None or self._last.sigma != sigma:
             self._last = NativeEntry(float(sigma), replays=[float(sigma)])
         return self._last
-
-    def __len__(self) -> int:
-        return 0 if self._last is None else 1
-
-
-ReplayFn = Callable[[Any], None]
