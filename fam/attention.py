@@ -9,6 +9,7 @@ so both terms are fused `scaled_dot_product_attention` calls: memory O(N·d)."""
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -40,7 +41,7 @@ def pool_keys(v: torch.Tensor, hires_hw, native_hw) -> torch.Tensor:
 
 def upsample_queries(x: torch.Tensor, native_hw, hires_hw) -> torch.Tensor:
     """(B, heads, h·w, d) -> (B, heads, H·W, d): nearest upsampling over the query grid
-    (source index floor(Y·h/H), as F.interpolate 'nearest')."""
+    (source index floor(Y·h/H), in exact integer arithmetic)."""
     B, nh, n, d = x.shape
     (h, w), (H, W) = native_hw, hires_hw
     f = _factors(hires_hw, native_hw)
@@ -48,9 +49,16 @@ def upsample_queries(x: torch.Tensor, native_hw, hires_hw) -> torch.Tensor:
         sh, sw = f
         grid = x.reshape(B, nh, h, 1, w, 1, d).expand(B, nh, h, sh, w, sw, d)
         return grid.reshape(B, nh, H * W, d)
-    grid = x.reshape(B * nh, h, w, d).permute(0, 3, 1, 2)
-    up = F.interpolate(grid, size=(H, W), mode="nearest")
-    return up.permute(0, 2, 3, 1).reshape(B, nh, H * W, d)
+    return x.index_select(2, _nearest_index(native_hw, hires_hw, x.device))
+
+
+@functools.lru_cache(maxsize=8)
+def _nearest_index(native_hw, hires_hw, device) -> torch.Tensor:
+    """Flat native token of every high-res token under nearest upsampling."""
+    (h, w), (H, W) = native_hw, hires_hw
+    iy = torch.arange(H, device=device) * h // H
+    ix = torch.arange(W, device=device) * w // W
+    return (iy[:, None] * w + ix[None, :]).flatten()
 
 
 def modulated_attention(q, k, v, q_native, k_native, lam: float, hires_hw, native_hw,
