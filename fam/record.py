@@ -228,10 +228,15 @@ class NativeRecord:
 
     def open(self, entry: NativeEntry, segment: Segment, device: torch.device) -> Segment | None:
         """Give `segment` (one native call's plan) its storage within the budget; None once
-        the record has switched to the recompute path."""
+        the record has switched to the recompute path. A call at a σ already recorded with
+        the same rows (Heun's repeated σ) writes over that segment: the last call wins."""
         self.close()
         if self.recompute:
             return None
+        same = next((s for s in entry.segments if (s.roles, s.layout, s.dtype)
+                     == (segment.roles, segment.layout, segment.dtype)), None)
+        if same is not None:
+            return self._reopen(same, device)
         if self.map_bytes + segment.nbytes > self.budget_bytes:
             self._switch_to_recompute()
             return None
@@ -246,6 +251,14 @@ class NativeRecord:
             segment.data = torch.empty(segment.numel, dtype=segment.dtype, device=device)
         entry.segments.append(segment)
         self.map_bytes += segment.nbytes
+        self._open = segment
+        return segment
+
+    def _reopen(self, segment: Segment, device: torch.device) -> Segment:
+        if segment in self._staged:       # not copied yet: its copy will take the new values
+            self._staged.remove(segment)
+        elif segment.data is None:        # copied: stage again, into the same host buffer
+            segment.data = torch.empty(segment.numel, dtype=segment.dtype, device=device)
         self._open = segment
         return segment
 
@@ -269,10 +282,12 @@ class NativeRecord:
         oldest while too many wait) and drop their device copy."""
         while self._staged:
             seg = self._staged[0]
-            if not (wait or seg.pending.done() or len(self._staged) > _MAX_STAGED):
+            ready = seg.pending is None or seg.pending.done()
+            if not (wait or ready or len(self._staged) > _MAX_STAGED):
                 break
             self._staged.pop(0)
-            seg.host, seg.pending = seg.pending.result(), None
+            if seg.pending is not None:
+                seg.host, seg.pending = seg.pending.result(), None
             self.streams.copy([(seg.host, seg.data)], after=seg.written)
             seg.data = seg.written = None
 
