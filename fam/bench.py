@@ -135,17 +135,21 @@ def _cached_pinned() -> int:
     return int(stats().get("allocated_bytes.current", 0))
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
 def _timed(engine, scale, steps, params, device):
     """(seconds, CUDA peak bytes or None, FamRun or None) of one generation."""
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     run = engine.run(scale, steps, params)
     _sync(device)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    return time.perf_counter() - t0, peak, run
+    return clock() - t0, peak, run
 
 
 def measure(engine, arch, scale, steps, device, repeats):
@@ -242,10 +246,10 @@ def am_layer(arch: str, scale: int, device: str, iters: int = 20):
             samples = []
             for _ in range(iters):
                 _sync(device)
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
                 _sync(device)
-                samples.append(time.perf_counter() - t0)
+                samples.append(clock() - t0)
             out[name] = 1000 * statistics.median(samples)
     row = dict(arch=arch, scale=scale, tokens=H * W, channels=C, heads=heads)
     row.update({k: round(v, 4) for k, v in out.items()})
@@ -355,6 +359,8 @@ def main(argv=None) -> int:
     ap.add_argument("--split", action="store_true", help="per-step FM / AM / transfer overhead")
     ap.add_argument("--split-steps", type=int, default=None, help="steps of the split runs")
     ap.add_argument("--am-layer", action="store_true", help="one AM layer's parts")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="cpu: process CPU time, steadier than wall time on a busy CPU machine")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     if args.preset:
@@ -362,6 +368,10 @@ def main(argv=None) -> int:
             setattr(args, k, v)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
+    if args.device == "cuda" and args.clock == "cpu":
+        ap.error("--clock cpu measures CPU work only; on CUDA use the wall clock")
+    global clock
+    clock = CLOCKS[args.clock]
     if args.steps < 1 or args.repeats < 1:
         ap.error("--steps and --repeats must be at least 1")
     split_steps = args.split_steps or args.steps
@@ -392,7 +402,7 @@ def main(argv=None) -> int:
             for scale in args.scale:
                 layers.append(am_layer(arch, scale, args.device))
                 progress(layers[-1])
-    report = {"device": device_name(args.device), "rows": rows, "split": splits,
+    report = {"device": device_name(args.device), "clock": args.clock, "rows": rows, "split": splits,
               "am_layer": layers, "skipped_for_time": skipped}
     if args.device == "cpu":
         report["peak_memory"] = ("peak RSS (VmHWM) of one run over the RSS before the model was "
@@ -401,7 +411,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    out = [f"device: {report['device']}"]
+    out = [f"device: {report['device']}, {args.clock} clock"]
     if layers:
         out += ["", "AM layer, ms (median):", layer_table(layers)]
     if splits:

@@ -314,8 +314,8 @@ class A1111Engine:
 
     name = "a1111"
 
-    def __init__(self, arch: str, device: str, batch: int = 1):
-        cfg = (LDM_CPU if device == "cpu" else LDM_ARCHS)[arch]
+    def __init__(self, arch: str, device: str, batch: int = 1, cfg: LdmConfig | None = None):
+        cfg = cfg or (LDM_CPU if device == "cpu" else LDM_ARCHS)[arch]
         dtype = torch.float16 if device == "cuda" else torch.float32
         self.device, self.dtype, self.native = device, dtype, cfg.native
         torch.manual_seed(0)
@@ -352,7 +352,6 @@ class A1111Engine:
         def noise(size):
             return torch.randn(B, 4, size, size, generator=g).to(self.device, self.dtype)
 
-        denoiser = CompVisDenoiser(self.unet, self.schedule)
         extra = dict(uncond=self.uncond, cond=self.cond, cond_scale=7.0)
         sigmas = self.sigmas(steps)
         gen = FamGeneration(params, self.layout, self.schedule, "bench") if params else None
@@ -360,14 +359,14 @@ class A1111Engine:
             with torch.inference_mode():
                 if gen:
                     gen.install()
-                cfg = CFGDenoiser(denoiser)
+                cfg = CFGDenoiser(CompVisDenoiser(self.unet, self.schedule))   # a sampler per pass
                 if gen:
                     gen.record_native(cfg, vp=False)
                 native = sample_euler(cfg, noise(n) * sigmas[0], sigmas, extra)
                 z0 = F.interpolate(native.float(), size=(n * scale,) * 2, mode="bicubic",
                                    align_corners=False).to(self.dtype)
                 eps = noise(n * scale)
-                cfg = CFGDenoiser(denoiser)
+                cfg = CFGDenoiser(CompVisDenoiser(self.unet, self.schedule))
                 if gen:
                     gen.guide_hires(cfg, z0, eps, vp=False)
                 sample_euler(cfg, z0 + eps * sigmas[0], sigmas, extra)
