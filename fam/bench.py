@@ -72,7 +72,7 @@ PRESETS = {
                 repeats=3, split=True, am_layer=True),
     "gpu": dict(device="cuda", engine=list(ENGINES), arch=["sd15", "sdxl"], scale=[2, 3, 4],
                 steps=10, repeats=2, split=True, split_steps=5, am_layer=True,
-                split_engines=["a1111"], deadline_s=450),
+                split_engines=["a1111"], split_scales=[2], deadline_s=400),
 }
 
 
@@ -376,6 +376,7 @@ def main(argv=None) -> int:
         ap.error("--steps and --repeats must be at least 1")
     split_steps = args.split_steps or args.steps
     split_engines = getattr(args, "split_engines", args.engine)
+    split_scales = getattr(args, "split_scales", args.scale)
     deadline = time.monotonic() + getattr(args, "deadline_s", float("inf"))
     rows, splits, layers, skipped = [], [], [], []
 
@@ -391,7 +392,7 @@ def main(argv=None) -> int:
                     continue
                 rows.append(measure(engine, arch, scale, args.steps, args.device, args.repeats))
                 progress(rows[-1])
-                if args.split and name in split_engines:
+                if args.split and name in split_engines and scale in split_scales:
                     splits.append(measure_split(engine, arch, scale, split_steps, args.device,
                                                 args.repeats))
                     progress(splits[-1])
