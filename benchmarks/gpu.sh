@@ -13,5 +13,7 @@ if not torch.cuda.is_available():
     sys.exit("benchmarks/gpu.sh: no CUDA device (torch %s)" % torch.__version__)
 print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, flush=True)
 PY
-timeout 120 python -m pytest -q -x -k cuda tests/ -p no:cacheprovider
+rc=0
+timeout 120 python -m pytest -q -k cuda tests/ -p no:cacheprovider || rc=$?
+echo "CUDA-only tests: exit status $rc (0 = all passed)"
 python -m fam.bench --preset gpu "$@"
