@@ -267,3 +267,22 @@ def test_cuda_side_stream_copy_waits_for_the_compute_stream():
     done = streams.copy([(host, src)], after=streams.mark())
     done.synchronize()
     assert bool((host == 7.0).all())
+
+
+def test_page_locked_buffers_are_whole_pages_of_their_own():
+    from fam.record import _own_pages
+    a, b = _own_pages(1000, torch.float16), _own_pages(3, torch.float32)
+    assert (a.numel(), a.nbytes, b.nbytes) == (1000, 2000, 12)
+    assert a.data_ptr() % 4096 == 0 and b.data_ptr() % 4096 == 0
+    a.fill_(1)
+    assert float(a.sum()) == 1000
+
+
+@CUDA
+def test_cuda_small_neighbouring_buffers_all_pin_and_unpin():
+    mem = HostMemory(pin=True, device=torch.device("cuda", torch.cuda.current_device()))
+    bufs = [mem.request(n, torch.float16).result() for n in (1, 100, 3000, 1 << 20)]
+    assert all(b.is_pinned() for b in bufs) and not mem.pin_failed
+    assert mem.allocated_bytes == mem.peak_bytes == sum(b.nbytes for b in bufs)
+    mem.release()
+    assert mem.allocated_bytes == 0 and mem.buffers == 0
