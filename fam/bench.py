@@ -238,19 +238,17 @@ def am_layer(arch: str, scale: int, device: str, iters: int = 20):
         "blend": lambda: hires.view(B, nh, h, scale, w, scale, d).lerp_(
             small.view(B, nh, h, 1, w, 1, d), 0.7),
     }
-    out = {}
+    samples = {name: [] for name in parts}
     with torch.inference_mode():
-        for name, fn in parts.items():
-            for _ in range(3):
-                fn()
-            samples = []
-            for _ in range(iters):
+        for i in range(iters + 3):                  # interleaved: drift hits every part alike
+            for name, fn in parts.items():
                 _sync(device)
                 t0 = clock()
                 fn()
                 _sync(device)
-                samples.append(clock() - t0)
-            out[name] = 1000 * statistics.median(samples)
+                if i >= 3:
+                    samples[name].append(clock() - t0)
+    out = {name: 1000 * statistics.median(s) for name, s in samples.items()}
     row = dict(arch=arch, scale=scale, tokens=H * W, channels=C, heads=heads)
     row.update({k: round(v, 4) for k, v in out.items()})
     row["AM extra"] = round(out["AM layer"] - out["plain layer"], 4)
