@@ -116,10 +116,6 @@ class NativeEntry:
                 runs.append([s, i, i + 1])
         return tuple(tuple(run) for run in runs)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.segments)
-
 
 class EntryMaps:
     """An entry's maps where the AM layers can read them: one flat buffer per segment."""
@@ -168,6 +164,8 @@ class HostMemory:
         return t
 
     def request(self, numel: int, dtype: torch.dtype) -> Future:
+        """`allocate` on the worker thread (where a failed cudaHostRegister also leaves its
+        error state, per thread, away from the thread that launches kernels)."""
         if self._pool is None:
             init = (lambda: torch.cuda.set_device(self.device)) if self.pin else None
             self._pool = ThreadPoolExecutor(1, "fam-record", initializer=init)
@@ -367,7 +365,6 @@ class ReferenceRecord:
 
     def __init__(self):
         self._last: NativeEntry | None = None
-        self.memory = HostMemory()
 
     def nearest(self, sigma: float) -> NativeEntry:
         if self._last is None or self._last.sigma != sigma:
