@@ -193,7 +193,10 @@ def _own_pages(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _register(t: torch.Tensor) -> bool:
     portable = 1   # cudaHostRegisterPortable: pinned for every CUDA context
-    return int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.nbytes, portable)) == 0
+    try:
+        return int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.nbytes, portable)) == 0
+    except (RuntimeError, AttributeError):   # no runtime bindings: stay pageable, noted
+        return False
 
 
 def _unregister(t: torch.Tensor) -> None:
