@@ -278,6 +278,19 @@ def test_page_locked_buffers_are_whole_pages_of_their_own():
     assert float(a.sum()) == 1000
 
 
+def test_a_buffer_that_cannot_be_page_locked_stays_usable_and_is_reported(monkeypatch):
+    import fam.record
+    monkeypatch.setattr(fam.record, "_register", lambda t: False)
+    mem = HostMemory(pin=True)
+    buf = mem.allocate(10, torch.float32)
+    assert mem.pin_failed and mem.allocated_bytes == buf.nbytes == 40
+    r = make_run()
+    r.memory = mem
+    assert "cudaHostRegister failed" in r.report()["FAM record"]
+    mem.release()
+    assert mem.allocated_bytes == 0
+
+
 @CUDA
 def test_cuda_small_neighbouring_buffers_all_pin_and_unpin():
     mem = HostMemory(pin=True, device=torch.device("cuda", torch.cuda.current_device()))
