@@ -204,7 +204,7 @@ class FamRun:
             # a replay may cover only its own call's rows (reference path): a split CFG call
             # at the same σ (cond chunk, then uncond) adds its rows to the rebuilt entry
             scratch = self._replayed
-            if scratch is None or scratch.sigma != entry.sigma:
+            if scratch is not None and scratch.sigma != entry.sigma:
                 scratch = None
             if scratch is None or scratch.locate(roles) is None:
                 scratch = self._replayed = self._replay(entry, scratch)
