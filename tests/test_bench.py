@@ -67,3 +67,15 @@ def test_bench_command_runs_on_cpu(capsys):
     assert row["host_peak_bytes"] == row["record_bytes"] and row["host_left_bytes"] == 0
     assert {"fm_ms", "am_ms", "plain_step_ms"} <= split.keys() and "transfer_ms" not in split
     assert layer["AM layer"] > 0 and layer["tokens"] == 16 * 16      # preset: native 8×8 at 2×
+
+
+def test_gpu_command_refuses_without_cuda_and_the_script_parses(capsys):
+    import os
+    import subprocess
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main(["--preset", "gpu"])
+        assert "no CUDA device" in capsys.readouterr().err
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu.sh")
+    assert os.access(script, os.X_OK)
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
