@@ -136,10 +136,9 @@ def _cached_pinned() -> int:
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-clock = CLOCKS["wall"]
 
 
-def _timed(engine, scale, steps, params, device):
+def _timed(engine, scale, steps, params, device, clock):
     """(seconds, CUDA peak bytes or None, FamRun or None) of one generation."""
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -152,7 +151,7 @@ def _timed(engine, scale, steps, params, device):
     return clock() - t0, peak, run
 
 
-def measure(engine, arch, scale, steps, device, repeats):
+def measure(engine, arch, scale, steps, device, repeats, clock=time.perf_counter):
     """FAM vs plain, alternating; time, extra peak memory and the record's host memory."""
     for params in (None, FAM):                      # warm-up, not counted
         engine.run(scale, 1, params)
@@ -161,7 +160,7 @@ def measure(engine, arch, scale, steps, device, repeats):
     run = None
     for _ in range(repeats):
         for fam in (False, True):
-            t, peak, r = _timed(engine, scale, steps, FAM if fam else None, device)
+            t, peak, r = _timed(engine, scale, steps, FAM if fam else None, device, clock)
             times[fam].append(t)
             peaks[fam].append(peak)
             run = r or run
@@ -182,7 +181,7 @@ def measure(engine, arch, scale, steps, device, repeats):
                 prefetched=run.stats.get("prefetched", 0), loaded=run.stats.get("loaded", 0))
 
 
-def measure_split(engine, arch, scale, steps, device, repeats):
+def measure_split(engine, arch, scale, steps, device, repeats, clock=time.perf_counter):
     """Per-step overhead of FM, AM and the record transfer: whole runs of each variant minus
     the plain run, over the steps (the native pass's recording included)."""
     variants = {"plain": None, **SPLIT}
@@ -193,7 +192,7 @@ def measure_split(engine, arch, scale, steps, device, repeats):
     times = {k: [] for k in variants}
     for _ in range(repeats):
         for name, params in variants.items():
-            times[name].append(_timed(engine, scale, steps, params, device)[0])
+            times[name].append(_timed(engine, scale, steps, params, device, clock)[0])
     med = {k: statistics.median(v) for k, v in times.items()}
     step_ms = 1000 * med["plain"] / steps
     row = dict(engine=engine.name, arch=arch, scale=scale, steps=steps,
@@ -205,7 +204,7 @@ def measure_split(engine, arch, scale, steps, device, repeats):
     return row
 
 
-def am_layer(arch: str, scale: int, device: str, iters: int = 20):
+def am_layer(arch: str, scale: int, device: str, iters: int = 20, clock=time.perf_counter):
     """One AM layer of the default block (SDXL: output_blocks.0-2, SD1.5: output_blocks.3-5),
     CFG batch 2: the plain layer, the whole AM layer, and the AM parts on their own."""
     import torch.nn.functional as F
@@ -368,7 +367,6 @@ def main(argv=None) -> int:
         ap.error("--device cuda: no CUDA device is available")
     if args.device == "cuda" and args.clock == "cpu":
         ap.error("--clock cpu measures CPU work only; on CUDA use the wall clock")
-    global clock
     clock = CLOCKS[args.clock]
     if args.steps < 1 or args.repeats < 1:
         ap.error("--steps and --repeats must be at least 1")
@@ -388,18 +386,19 @@ def main(argv=None) -> int:
                 if time.monotonic() > deadline:
                     skipped.append(f"{name} {arch} {scale}×")
                     continue
-                rows.append(measure(engine, arch, scale, args.steps, args.device, args.repeats))
+                rows.append(measure(engine, arch, scale, args.steps, args.device, args.repeats,
+                                    clock))
                 progress(rows[-1])
                 if args.split and name in split_engines and scale in split_scales:
                     splits.append(measure_split(engine, arch, scale, split_steps, args.device,
-                                                args.repeats))
+                                                args.repeats, clock))
                     progress(splits[-1])
             del engine
             if args.device == "cuda":
                 torch.cuda.empty_cache()
         if args.am_layer:
             for scale in args.scale:
-                layers.append(am_layer(arch, scale, args.device))
+                layers.append(am_layer(arch, scale, args.device, clock=clock))
                 progress(layers[-1])
     report = {"device": device_name(args.device), "clock": args.clock, "rows": rows, "split": splits,
               "am_layer": layers, "skipped_for_time": skipped}
