@@ -99,7 +99,7 @@ class FamRun:
             self.stats["record_bytes"] = self.record.map_bytes
             rec = self.record
             if not rec.recompute and rec.offload:
-                self._prefetch = Prefetcher(rec.entries, rec.below, rec.streams, rec.device)
+                self._prefetch = Prefetcher(rec.entries, rec.below, rec.streams, z0.device)
         self.phase = HIRES
         self._z0, self._eps, self._vp = z0, eps, vp
         self._replay_fn, self._replay_can_stop = replay_fn, replay_can_stop
@@ -252,7 +252,7 @@ class FamRun:
         native_grid = token_grid(self.native_hw, level)
         if native.shape[1] != native_grid[0] * native_grid[1]:
             return None, "native token grid mismatch"
-        return AmContext(native.to(hidden.dtype), grid, native_grid,
+        return AmContext(native.to(hidden.device, hidden.dtype), grid, native_grid,
                          self.params.am_lambda), None
 
     def report(self) -> dict[str, str]:
