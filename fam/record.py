@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import mmap
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from .transfer import Streams
+from .transfer import Pages, Streams, cuda_runtime, page_locked
 
 __all__ = ["Role", "Segment", "NativeEntry", "EntryMaps", "HostMemory", "NativeRecord",
            "ReferenceRecord"]
@@ -137,70 +136,71 @@ class EntryMaps:
 class HostMemory:
     """Every host buffer of one record: exactly the size asked for (no power-of-two rounding,
     unlike PyTorch's caching host allocator; page-locked buffers are whole pages of their own,
-    < 4 KiB more), page-locked with cudaHostRegister when it feeds a CUDA device, counted,
-    and all given back by `release()`. `request` allocates on a worker thread (page-locking
-    costs time in proportion to the size) while the UNet runs."""
+    < 4 KiB more), page-locked when it feeds a CUDA device (`pin`), counted, and all given
+    back by `release()`. `request` allocates on a worker thread (page-locking costs time in
+    proportion to the size) while the UNet runs. Page-locking that fails leaves the buffer
+    pageable and sets `pin_failed` (noted in the infotext); nothing here raises for it.
+    `runtime`: the CUDA runtime bindings (`fam.transfer.cuda_runtime()` when first needed)."""
 
-    def __init__(self, pin: bool = False, device: torch.device | None = None):
-        self.pin, self.device = pin, device
+    def __init__(self, pin: bool = False, device: torch.device | None = None, runtime: Any = None):
+        self.pin, self.device, self.runtime = pin, device, runtime
         self.allocated_bytes = self.peak_bytes = self.buffers = 0
         self.pin_failed = False
-        self._live: list[tuple[torch.Tensor, bool]] = []
+        self._live: list[tuple[torch.Tensor, Pages | None]] = []
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
 
     def allocate(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        if self.pin:
-            t = _own_pages(numel, dtype)
-            pinned = _register(t)
+        pages = None
+        if self.pin and numel:
+            if self.runtime is None:
+                self.runtime = cuda_runtime()
+            t, pages = page_locked(numel, dtype, self.runtime)
         else:
-            t, pinned = torch.empty(numel, dtype=dtype), False
+            t = torch.empty(numel, dtype=dtype)
         with self._lock:
-            self.pin_failed |= self.pin and not pinned
-            self._live.append((t, pinned))
+            self.pin_failed |= self.pin and numel > 0 and pages is None
+            self._live.append((t, pages))
             self.allocated_bytes += t.nbytes
             self.peak_bytes = max(self.peak_bytes, self.allocated_bytes)
             self.buffers += 1
         return t
 
     def request(self, numel: int, dtype: torch.dtype) -> Future:
-        """`allocate` on the worker thread (where a failed cudaHostRegister also leaves its
-        error state, per thread, away from the thread that launches kernels)."""
+        """`allocate` on the worker thread, where a failed cudaHostRegister also leaves its
+        error state (per thread), away from the thread that launches kernels."""
         if self._pool is None:
-            init = (lambda: torch.cuda.set_device(self.device)) if self.pin else None
+            init = (lambda: _use_device(self.device)) if self.pin else None
             self._pool = ThreadPoolExecutor(1, "fam-record", initializer=init)
         return self._pool.submit(self.allocate, numel, dtype)
 
     def release(self) -> None:
-        """Free everything (after the copies that use it are complete: the caller syncs)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        """Free everything (after the copies that use it are complete: the caller syncs).
+        With a worker, it runs there after every allocation still queued, so a buffer that
+        arrives late is freed too, and a failed unregistration leaves its error state there.
+        The pages are unmapped as soon as no tensor views them any more."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.submit(self._free)
+            pool.shutdown(wait=True)
+        self._free()   # nothing left when the worker did it
+
+    def _free(self) -> None:
         with self._lock:
             live, self._live = self._live, []
             self.allocated_bytes = self.buffers = 0
-        for t, pinned in live:
-            if pinned:
-                _unregister(t)
+        for _, pages in live:
+            if pages is not None:
+                pages.unlock()
 
 
-def _own_pages(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """Anonymous memory of its own pages (mmap): page-locking it touches no page shared with
-    another allocation, which a second cudaHostRegister of that page would refuse."""
-    nbytes = numel * dtype.itemsize
-    return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=numel)
-
-
-def _register(t: torch.Tensor) -> bool:
-    portable = 1   # cudaHostRegisterPortable: pinned for every CUDA context
+def _use_device(device: torch.device | None) -> None:
+    """The worker's current device: the record's (registration is portable, so any context
+    would do; a device that cannot be set leaves the default one)."""
     try:
-        return int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.nbytes, portable)) == 0
-    except (RuntimeError, AttributeError):   # no runtime bindings: stay pageable, noted
-        return False
-
-
-def _unregister(t: torch.Tensor) -> None:
-    torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+        torch.cuda.set_device(device)
+    except Exception:
+        pass
 
 
 def _log_sigma(sigma: float) -> float:

@@ -9,6 +9,7 @@ at once and events are None, so the same code runs, in the same order, in the CP
 
 from __future__ import annotations
 
+import mmap
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
@@ -16,9 +17,10 @@ import torch
 if TYPE_CHECKING:
     from .record import NativeEntry
 
-__all__ = ["Streams", "Prefetcher"]
+__all__ = ["Streams", "Prefetcher", "Pages", "page_locked", "cuda_runtime"]
 
 _ALIGN = 256   # bytes: every segment in a slot starts aligned for any dtype view
+_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context
 
 
 class Streams:
@@ -121,3 +123,56 @@ class Prefetcher:
 
 def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
+
+
+# ---- page-locked host buffers ------------------------------------------------------------
+def cuda_runtime() -> Any:
+    """PyTorch's bindings of the CUDA runtime (cudaHostRegister, cudaHostUnregister), or None
+    where there are none (a CPU build raises AssertionError, a broken driver RuntimeError)."""
+    try:
+        return torch.cuda.cudart()
+    except Exception:
+        return None
+
+
+class Pages(mmap.mmap):
+    """Anonymous memory on pages of its own (page-locking it touches no page of another
+    allocation, which a second cudaHostRegister of that page would refuse). While `runtime`
+    is set the pages are registered with it; they are unregistered by `unlock()` or, at the
+    latest, when the last tensor on them dies — before mmap unmaps them."""
+
+    runtime: Any = None
+    address = 0
+
+    def unlock(self) -> bool:
+        """Unregister (once); False if the runtime refused. Never raises: it also runs
+        from `__del__`, at any time, on any thread."""
+        runtime, self.runtime = self.runtime, None
+        if runtime is None:
+            return True
+        try:
+            return int(runtime.cudaHostUnregister(self.address)) == 0
+        except Exception:
+            return False
+
+    def __del__(self):
+        self.unlock()
+
+
+def page_locked(numel: int, dtype: torch.dtype, runtime: Any) -> tuple[torch.Tensor, Pages | None]:
+    """A host buffer of exactly `numel` elements, page-locked through `runtime` when it can be
+    (its `Pages` returned with it), else pageable (None): still correct, its copies are
+    synchronous. A failed cudaHostRegister leaves the runtime's last-error state on the
+    calling thread: call this on a thread that launches no kernels."""
+    if runtime is None or numel == 0:
+        return torch.empty(numel, dtype=dtype), None
+    pages = Pages(-1, numel * dtype.itemsize)
+    t = torch.frombuffer(pages, dtype=dtype, count=numel)   # holds `pages` while it lives
+    try:
+        ok = int(runtime.cudaHostRegister(t.data_ptr(), t.nbytes, _PORTABLE)) == 0
+    except Exception:   # bindings without it, a driver error: stay pageable
+        ok = False
+    if not ok:
+        return t, None
+    pages.runtime, pages.address = runtime, t.data_ptr()
+    return t, pages
