@@ -272,20 +272,24 @@ class MiniWebUI:
         return Img2Img(self, model, args, **kw)
 
     def process_images(self, p):
-        """process_images_inner's order, one batch per iteration."""
+        """process_images_inner's order, one batch per iteration. The global RNG (which the
+        VAE stand-in samples from) starts from the job's seed, so jobs repeat exactly."""
         self.state.interrupted = False
+        torch.manual_seed(p.seed)
         p.scripts.process(p)
-        p.init()
         out, infotexts = [], []
-        for n in range(p.n_iter):
-            if self.state.interrupted:
-                break
-            p.iteration = n
-            p.seeds = [p.seed + n * p.batch_size + i for i in range(p.batch_size)]
-            samples = p.sample(conditioning=p.c, unconditional_conditioning=p.uc, seeds=p.seeds,
-                               subseeds=p.seeds, subseed_strength=0, prompts=["a"] * p.batch_size)
-            infotexts.append(dict(p.extra_generation_params))
-            out.append(samples)
+        with torch.no_grad():
+            p.init()
+            for n in range(p.n_iter):
+                if self.state.interrupted:
+                    break
+                p.iteration = n
+                p.seeds = [p.seed + n * p.batch_size + i for i in range(p.batch_size)]
+                samples = p.sample(conditioning=p.c, unconditional_conditioning=p.uc,
+                                   seeds=p.seeds, subseeds=p.seeds, subseed_strength=0,
+                                   prompts=["a"] * p.batch_size)
+                infotexts.append(dict(p.extra_generation_params))
+                out.append(samples)
         processed = SimpleNamespace(samples=out, infotexts=infotexts)
         p.scripts.postprocess(p, processed)
         return processed
@@ -344,8 +348,7 @@ class KDiffusionSampler:
     def __init__(self, funcname, model, p):
         self.funcname = funcname
         self.func = {"euler": euler}[funcname]
-        cfg_kw = getattr(p, "cfg_kw", {})
-        self.model_wrap_cfg = CFG(model.model.diffusion_model, **cfg_kw)
+        self.model_wrap_cfg = CFG(model.model.diffusion_model, **p.cfg_kw())
         self.callbacks = 0
 
     def callback_state(self, d):
@@ -368,7 +371,7 @@ class CompVisSampler(KDiffusionSampler):
     def __init__(self, funcname, model, p):
         self.funcname = funcname
         self.func = {"ddim": ddim, "unipc": unipc}[funcname]
-        self.model_wrap_cfg = CFG(model.model.diffusion_model, vp=True, **getattr(p, "cfg_kw", {}))
+        self.model_wrap_cfg = CFG(model.model.diffusion_model, vp=True, **p.cfg_kw())
         self.callbacks = 0
 
     def _run(self, p, x, ts, c, uc):
@@ -404,6 +407,11 @@ class Processing:
     def create_sampler(self, name):
         kind, func = SAMPLERS[name]
         return kind(func, self.sd_model, self)
+
+    def cfg_kw(self):
+        """Options of the CFG stand-in for the sampler made now (tests set `cfg_kw_for`)."""
+        make = getattr(self, "cfg_kw_for", None)
+        return make(self) if make else {}
 
     def noise(self, hw):
         return torch.stack([torch.randn(4, *hw, generator=torch.Generator().manual_seed(s))
@@ -444,6 +452,8 @@ class Txt2Img(Processing):
             self.scripts.process_before_every_sampling(self, x=x, noise=x, c=conditioning,
                                                        uc=unconditional_conditioning)
             samples = self.sampler.sample(self, x, conditioning, unconditional_conditioning)
+            if hasattr(self, "after_first_pass"):
+                self.after_first_pass()
             if self.interrupt_after_first_pass:
                 self.web.state.interrupted = True
             if not self.enable_hr:
