@@ -49,8 +49,7 @@ def forwards(model):
 
 
 def assert_left_as_found(p, model):
-    assert "sample" not in p.__dict__ and "sample_hr_pass" not in p.__dict__
-    assert getattr(p, "_fam_generation", None) is None
+    assert not {"sample", "sample_hr_pass", "_fam_generation"} & set(p.__dict__)
     assert all(v is None for v in forwards(model).values())
 
 

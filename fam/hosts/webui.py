@@ -311,7 +311,7 @@ class SampleWrapper:
                 wrapper.remove()
             else:
                 del p.__dict__["sample"]
-        setattr(p, GEN_ATTR, None)
+        p.__dict__.pop(GEN_ATTR, None)
 
     def remove(self) -> None:
         """Restore p.sample; if another wrapper was put on top since, stay in its chain as a
@@ -358,7 +358,7 @@ class SampleWrapper:
             return result
         finally:
             gen.remove()
-            setattr(p, GEN_ATTR, None)
+            p.__dict__.pop(GEN_ATTR, None)
 
     def _write_report(self, report: dict[str, str]) -> None:
         """This batch's report replaces the previous batch's (the infotext is made per batch)."""
