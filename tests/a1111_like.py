@@ -170,7 +170,6 @@ def unipc(cfg, x, ts, cond, uncond, scale=5.0, callback=None, fm=None):
             callback({"x": x, "i": k - 1, "denoised": m})
         m_prev = m
     return x
-unipc.__name__ = "unipc"
 
 
 # ---- the WebUI ----------------------------------------------------------------------------
@@ -346,7 +345,6 @@ class Runner:
 
 class KDiffusionSampler:
     def __init__(self, funcname, model, p):
-        self.funcname = funcname
         self.func = {"euler": euler}[funcname]
         self.model_wrap_cfg = CFG(model.model.diffusion_model, **p.cfg_kw())
         self.callbacks = 0
@@ -369,7 +367,6 @@ class KDiffusionSampler:
 
 class CompVisSampler(KDiffusionSampler):
     def __init__(self, funcname, model, p):
-        self.funcname = funcname
         self.func = {"ddim": ddim, "unipc": unipc}[funcname]
         self.model_wrap_cfg = CFG(model.model.diffusion_model, vp=True, **p.cfg_kw())
         self.callbacks = 0

@@ -189,7 +189,7 @@ def same_architecture(a: UNetLayout, b: UNetLayout) -> bool:
     return sig(a) == sig(b)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _NativeCall:
     """Replay payload of one recorded native inner-model call: its inputs in the units of
     the denoiser that made it (σ and σ-space latent, or t and VP latent when `vp`)."""
