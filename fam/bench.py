@@ -346,7 +346,8 @@ def main(argv=None) -> int:
         _peak_child(*argv[1:6])
         return 0
     ap = argparse.ArgumentParser(prog="python -m fam.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), help="a recorded configuration (below)")
+    ap.add_argument("--preset", choices=sorted(PRESETS),
+                    help="a recorded configuration (PRESETS); options given explicitly win")
     ap.add_argument("--engine", nargs="+", choices=ENGINES, default=["diffusers"])
     ap.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=["sd15"])
     ap.add_argument("--scale", nargs="+", type=int, choices=(2, 3, 4), default=[2])
@@ -360,9 +361,9 @@ def main(argv=None) -> int:
                     help="cpu: process CPU time, steadier than wall time on a busy CPU machine")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
-    if args.preset:
-        for k, v in PRESETS[args.preset].items():
-            setattr(args, k, v)
+    if args.preset:   # the preset's values, under any option given explicitly
+        ap.set_defaults(**PRESETS[args.preset])
+        args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
     if args.device == "cuda" and args.clock == "cpu":

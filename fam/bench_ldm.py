@@ -355,21 +355,26 @@ class A1111Engine:
         extra = dict(uncond=self.uncond, cond=self.cond, cond_scale=7.0)
         sigmas = self.sigmas(steps)
         gen = FamGeneration(params, self.layout, self.schedule, "bench") if params else None
+        p = SimpleNamespace(sd_model=SimpleNamespace(model=SimpleNamespace(diffusion_model=self.unet)))
+
+        def sampler():   # a new one per pass, as A1111's
+            return SimpleNamespace(func=sample_euler,
+                                   model_wrap_cfg=CFGDenoiser(CompVisDenoiser(self.unet, self.schedule)))
         try:
             with torch.inference_mode():
                 if gen:
                     gen.install()
-                cfg = CFGDenoiser(CompVisDenoiser(self.unet, self.schedule))   # a sampler per pass
+                first = sampler()
                 if gen:
-                    gen.record_native(cfg, vp=False)
-                native = sample_euler(cfg, noise(n) * sigmas[0], sigmas, extra)
+                    gen.record_native(p, first, vp=False)
+                native = sample_euler(first.model_wrap_cfg, noise(n) * sigmas[0], sigmas, extra)
                 z0 = F.interpolate(native.float(), size=(n * scale,) * 2, mode="bicubic",
                                    align_corners=False).to(self.dtype)
                 eps = noise(n * scale)
-                cfg = CFGDenoiser(CompVisDenoiser(self.unet, self.schedule))
+                hires = sampler()
                 if gen:
-                    gen.guide_hires(cfg, z0, eps, vp=False)
-                sample_euler(cfg, z0 + eps * sigmas[0], sigmas, extra)
+                    gen.guide_hires(p, hires, z0, eps, vp=False)
+                sample_euler(hires.model_wrap_cfg, z0 + eps * sigmas[0], sigmas, extra)
             return gen.run if gen else None
         finally:
             if gen:

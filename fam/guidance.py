@@ -24,7 +24,7 @@ from .record import EntryMaps, HostMemory, NativeEntry, NativeRecord, ReferenceR
 from .schedule import VPSchedule, noised_reference
 from .transfer import Prefetcher
 
-__all__ = ["FamRun", "token_grid"]
+__all__ = ["FamRun", "ReplayUnavailable", "token_grid"]
 
 NATIVE, REPLAY, HIRES, IDLE = "native", "replay", "hires", "idle"
 
@@ -40,6 +40,12 @@ def token_grid(latent_hw, level: int) -> tuple[int, int]:
 class _ReplayDone(Exception):
     """Raised inside a replayed native UNet once every AM layer is recorded: the rest of
     the network is not needed."""
+
+
+class ReplayUnavailable(Exception):
+    """Raised by a host's replay function when native calls cannot be re-run in this pass
+    (e.g. a UNet hook holds high-res inputs). The message becomes the skip reason of every
+    AM call that needed a replay; no replay is tried again."""
 
 
 class FamRun:
@@ -68,6 +74,7 @@ class FamRun:
         self._replay_can_stop = False
         self._replayed: NativeEntry | None = None   # recompute path: the last rebuilt entry
         self._prefetch: Prefetcher | None = None
+        self._no_maps_reason = "no native record for this step"
         # what happened, for the infotext and the benchmark
         self.am_calls = 0
         self.am_skipped: Counter[str] = Counter()
@@ -79,7 +86,7 @@ class FamRun:
     def begin_native(self) -> None:
         self.phase = NATIVE
         p = self.params
-        self.record = NativeRecord(p.record_budget_bytes if p.am_enabled else 0,
+        self.record = NativeRecord(p.record_budget_bytes if p.am_active else 0,
                                    offload=p.record_offload)
         self.memory = self.record.memory
 
@@ -126,7 +133,7 @@ class FamRun:
             self.record.close()
             self.native_hw = latent_hw
             self._entry = self.record.entry(sigma)
-            if replay is not None and self.params.am_enabled:
+            if replay is not None and self.params.am_active:
                 self._entry.replays.append(replay)
         elif self.phase == HIRES:
             self._maps, self._runs = self._ready_maps(sigma, roles)
@@ -135,7 +142,7 @@ class FamRun:
     def on_attn1(self, layer: str, hidden: torch.Tensor) -> AmContext | None:
         """Called with the normalised attn1 input (rows, tokens, C) of an AM layer. Returns
         the context to modulate with, or None: run the layer's own attention."""
-        if not self.params.am_enabled or self.params.am_lambda == 0:
+        if not self.params.am_active:
             return None
         if self.phase in (NATIVE, REPLAY):
             self._record(layer, hidden)
@@ -195,11 +202,11 @@ class FamRun:
     def _ready_maps(self, sigma: float, roles: tuple[Role, ...]):
         """The native maps for σ on the compute device and where `roles` are in them: a view
         of the record, a prefetched slot (offloaded record), or rebuilt by replay."""
-        if not self.params.am_enabled or self.record is None:
+        if not self.params.am_active or self.record is None:
             return None, None
         entry = self.record.nearest(sigma)
-        if entry is None:
-            return None, None
+        if entry is None or not (entry.segments or entry.replays):
+            return None, None   # e.g. a native step the refiner ran: nothing was recorded
         if self.record.recompute:
             # a replay may cover only its own call's rows (reference path): a split CFG call
             # at the same σ (cond chunk, then uncond) adds its rows to the rebuilt entry
@@ -229,6 +236,9 @@ class FamRun:
                     self._replay_fn(payload)
                 except _ReplayDone:
                     pass
+                except ReplayUnavailable as e:
+                    self._replay_fn, self._no_maps_reason = None, str(e)
+                    return None
                 self.replays += 1
         finally:
             self.phase = HIRES
@@ -240,7 +250,7 @@ class FamRun:
         if level is None:
             return None, "not an AM layer"
         if self._maps is None:
-            return None, "no native record for this step"
+            return None, self._no_maps_reason
         grid = token_grid(self._latent_hw, level)
         if hidden.shape[1] != grid[0] * grid[1]:
             return None, "token grid changed (token merging / hypertile)"
@@ -258,7 +268,7 @@ class FamRun:
     def report(self) -> dict[str, str]:
         """Infotext entries describing what FAM actually did (skips and fallbacks)."""
         out = {}
-        if self.record is not None and self.params.am_enabled and self.record.recompute:
+        if self.record is not None and self.params.am_active and self.record.recompute:
             out["FAM AM path"] = "recompute"
         if self.memory.pin_failed:
             out["FAM record"] = "not page-locked (cudaHostRegister failed): copies are synchronous"
