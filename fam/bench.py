@@ -70,7 +70,7 @@ HOST_RATIO = 1.05
 PRESETS = {
     "cpu": dict(device="cpu", engine=list(ENGINES), arch=["sd15", "sdxl"], scale=[2], steps=10,
                 repeats=3, split=True, am_layer=True),
-    "gpu": dict(device="cuda", engine=list(ENGINES), arch=["sd15", "sdxl"], scale=[2, 3, 4],
+    "gpu": dict(device="cuda", engine=list(ENGINES), arch=["sdxl", "sd15"], scale=[2, 3, 4],
                 steps=10, repeats=2, split=True, split_steps=5, am_layer=True,
                 split_engines=["a1111"], split_scales=[2], deadline_s=400),
 }
