@@ -5,7 +5,9 @@ synchronisation): the side stream waits for the event after the last write or us
 overwrites, and the compute stream waits for the event after the copy it reads. Tensors used on
 the side stream are marked with `record_stream`, so the caching allocator never hands their
 memory out while a copy is still running. On a device without streams (CPU) every copy happens
-at once and events are None, so the same code runs, in the same order, in the CPU tests."""
+at once and events are None, so the same code runs, in the same order, in the CPU tests.
+Host buffers are page-locked with cudaHostRegister on pages of their own (`page_locked`), so
+those copies are asynchronous; any failure leaves a pageable buffer, never an exception."""
 
 from __future__ import annotations
 
