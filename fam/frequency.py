@@ -42,9 +42,9 @@ def frequency_modulate(z: torch.Tensor, z_ref: torch.Tensor, rho: float, native_
         raise ValueError(f"frequency_modulate: z {tuple(z.shape)} and z_ref "
                          f"{tuple(z_ref.shape)} must have the same shape")
     hires_hw = tuple(z.shape[-2:])
-    weight = _guide_weight(hires_hw, native_hw, rho, c, z.device)
-    if not bool(weight.any()):
+    if c <= 0 or rho >= 1:      # empty box or zero weight, decided without a device sync
         return z.clone()
+    weight = _guide_weight(hires_hw, native_hw, rho, c, z.device)
     zf = z.float()
     spec = torch.fft.rfft2(z_ref.float() - zf) * weight
     out = zf + torch.fft.irfft2(spec, s=hires_hw)

@@ -20,8 +20,9 @@ from .attention import AmContext
 from .frequency import frequency_modulate
 from .layers import AttnLayer
 from .params import FamParams
-from .record import NativeEntry, NativeRecord, ReferenceRecord, Role
+from .record import EntryMaps, HostMemory, NativeEntry, NativeRecord, ReferenceRecord, Role, Segment
 from .schedule import VPSchedule, noised_reference
+from .transfer import Prefetcher
 
 __all__ = ["FamRun", "ReplayUnavailable", "token_grid"]
 
@@ -52,28 +53,34 @@ class FamRun:
         self.params = params
         self.schedule = schedule
         self.levels = {l.name: l.level for l in am_layers}
+        self._channels = {l.name: _channels(l.module) for l in am_layers}
         self.phase = IDLE
         self.record: NativeRecord | ReferenceRecord | None = None
+        self.memory = HostMemory()   # the record's host buffers (kept for inspection after end)
         self.native_hw: tuple[int, int] | None = None
         # current UNet evaluation
         self._sigma: float | None = None
         self._roles: tuple[Role, ...] = ()
         self._latent_hw: tuple[int, int] | None = None
-        self._entry: NativeEntry | None = None
+        self._entry: NativeEntry | None = None      # native pass / replay: where calls record
+        self._segment: Segment | None = None        # ... and this call's segment of it
         self._recorded: set[str] = set()
+        self._maps: EntryMaps | None = None         # high-res pass: this call's native maps
+        self._runs = None                           # ... and where its rows are in them
         # high-res pass
         self._z0 = self._eps = None
         self._vp = False
         self._replay_fn: Callable[[Any], None] | None = None
         self._replay_can_stop = False
-        self._maps: NativeEntry | None = None   # the entry whose maps are ready on device
+        self._replayed: NativeEntry | None = None   # recompute path: the last rebuilt entry
+        self._prefetch: Prefetcher | None = None
         self._no_maps_reason = "no native record for this step"
-        self._device: torch.device | None = None
-        # what happened, for the infotext
+        # what happened, for the infotext and the benchmark
         self.am_calls = 0
         self.am_skipped: Counter[str] = Counter()
         self.fm_calls = 0
         self.replays = 0
+        self.stats: dict[str, int] = {}
 
     # ---- phases ---------------------------------------------------------------------
     def begin_native(self) -> None:
@@ -81,6 +88,7 @@ class FamRun:
         p = self.params
         self.record = NativeRecord(p.record_budget_bytes if p.am_active else 0,
                                    offload=p.record_offload)
+        self.memory = self.record.memory
 
     def begin_hires(self, z0: torch.Tensor, eps: torch.Tensor, *, vp: bool = False,
                     replay_fn: Callable[[Any], None] | None = None,
@@ -90,35 +98,46 @@ class FamRun:
         `replay_fn(payload)` re-runs one recorded native UNet call (recompute path). With
         `reference_native_hw` there was no native pass: the maps come from `replay_fn(σ)`."""
         if reference_native_hw is not None:
+            if self.record is not None:
+                self.record.release()
             self.record, self.native_hw = ReferenceRecord(), tuple(reference_native_hw)
-        elif self.record is not None and not self.record.recompute:
-            self.record.drop_replays()   # every map fits: the native inputs are not needed
+        elif self.record is not None:
+            self.record.finish()
+            self.stats["record_bytes"] = self.record.map_bytes
+            rec = self.record
+            if not rec.recompute and rec.offload:
+                self._prefetch = Prefetcher(rec.entries, rec.below, rec.streams, z0.device)
         self.phase = HIRES
         self._z0, self._eps, self._vp = z0, eps, vp
         self._replay_fn, self._replay_can_stop = replay_fn, replay_can_stop
-        self._device = z0.device
 
     def end(self) -> None:
-        """Drop everything the run holds (called from the host's `finally`)."""
+        """Drop everything the run holds and give back the record's memory (called from the
+        host's `finally`)."""
         self.phase = IDLE
+        if self._prefetch is not None:
+            self.stats.update(prefetched=self._prefetch.prefetched, loaded=self._prefetch.loaded)
+        if self.record is not None:
+            self.record.release()
         self.record = None
-        self._z0 = self._eps = self._maps = self._entry = None
-        self._replay_fn = None
+        self._z0 = self._eps = self._maps = self._runs = self._entry = self._segment = None
+        self._replayed = self._prefetch = self._replay_fn = None
 
     # ---- per UNet evaluation --------------------------------------------------------
     def begin_call(self, sigma: float, roles: Sequence[Role], latent_hw,
                    replay: Any = None) -> None:
-        sigma = float(sigma)
-        self._sigma, self._roles, self._latent_hw = sigma, tuple(roles), tuple(latent_hw)
+        sigma, roles, latent_hw = float(sigma), tuple(roles), tuple(latent_hw)
         self._recorded = set()
+        self._segment = None
         if self.phase == NATIVE:
-            self.native_hw = self._latent_hw
+            self.record.close()
+            self.native_hw = latent_hw
             self._entry = self.record.entry(sigma)
             if replay is not None and self.params.am_active:
                 self._entry.replays.append(replay)
         elif self.phase == HIRES:
-            self._maps = self._ready_maps(sigma)
-            self._sigma, self._roles, self._latent_hw = sigma, tuple(roles), tuple(latent_hw)
+            self._maps, self._runs = self._ready_maps(sigma, roles)
+        self._sigma, self._roles, self._latent_hw = sigma, roles, latent_hw
 
     def on_attn1(self, layer: str, hidden: torch.Tensor) -> AmContext | None:
         """Called with the normalised attn1 input (rows, tokens, C) of an AM layer. Returns
@@ -148,49 +167,66 @@ class FamRun:
 
     # ---- internals ------------------------------------------------------------------
     def _record(self, layer: str, hidden: torch.Tensor) -> None:
-        if layer not in self.levels or self._entry is None:
+        level = self.levels.get(layer)
+        if level is None or self._entry is None:
             return
-        grid = token_grid(self._latent_hw, self.levels[layer])
-        if hidden.shape[0] != len(self._roles) or hidden.shape[1] != grid[0] * grid[1]:
+        h, w = token_grid(self._latent_hw, level)
+        if hidden.shape[0] != len(self._roles) or hidden.shape[1] != h * w:
             self.am_skipped["native call not recordable (rows or tokens changed)"] += 1
             return
-        if self.phase == NATIVE:
-            self.record.add(self._entry, layer, self._roles, hidden.detach())
-        else:  # replay: a scratch entry, no budget
-            per_role = self._entry.maps.setdefault(layer, {})
-            per_role.update(zip(self._roles, hidden.detach().unbind(0)))
+        if self._segment is None:
+            self._segment = self._open_segment(hidden)
+            if self._segment is None:
+                return   # over the budget: the recompute path needs no maps
+        if not self._segment.write(layer, hidden.detach()):
+            self.am_skipped["native call not recordable (channels changed)"] += 1
+            return
         self._recorded.add(layer)
         if self.phase == REPLAY and self._replay_can_stop and self._recorded >= self.levels.keys():
             raise _ReplayDone
 
-    def _ready_maps(self, sigma: float) -> NativeEntry | None:
-        """The native entry for σ with its maps on the compute device, rebuilt by replay on
-        the recompute path; one entry is cached (split CFG calls and repeated σ reuse it)."""
+    def _open_segment(self, hidden: torch.Tensor) -> Segment | None:
+        """Plan this call's segment (every AM layer, in one buffer) and give it storage: the
+        record's within its budget, or scratch device memory for a replay."""
+        rows = len(self._roles)
+        shapes = {name: (rows, math.prod(token_grid(self._latent_hw, level)),
+                         self._channels[name] or hidden.shape[-1])
+                  for name, level in self.levels.items()}
+        segment = Segment.plan(self._roles, shapes, hidden.dtype)
+        if self.phase == NATIVE:
+            return self.record.open(self._entry, segment, hidden.device)
+        segment.data = torch.empty(segment.numel, dtype=segment.dtype, device=hidden.device)
+        self._entry.segments.append(segment)
+        return segment
+
+    def _ready_maps(self, sigma: float, roles: tuple[Role, ...]):
+        """The native maps for σ on the compute device and where `roles` are in them: a view
+        of the record, a prefetched slot (offloaded record), or rebuilt by replay."""
         if not self.params.am_active or self.record is None:
-            return None
+            return None, None
         entry = self.record.nearest(sigma)
-        if entry is None or not (entry.maps or entry.replays):
-            return None   # e.g. a native step the refiner ran: nothing was recorded
-        cached = self._maps if self._maps is not None and self._maps.sigma == entry.sigma else None
-        if cached is not None and (not self.record.recompute or self._covers(cached)):
-            return cached
+        if entry is None or not (entry.segments or entry.replays):
+            return None, None   # e.g. a native step the refiner ran: nothing was recorded
         if self.record.recompute:
             # a replay may cover only its own call's rows (reference path): a split CFG call
-            # at the same σ (cond chunk, then uncond) adds its rows to the cached entry
-            return self._replay(entry, cached)
-        on_device = NativeEntry(entry.sigma)
-        for layer, per_role in entry.maps.items():
-            on_device.maps[layer] = {r: t.to(self._device, non_blocking=True)
-                                     for r, t in per_role.items()}
-        return on_device
+            # at the same σ (cond chunk, then uncond) adds its rows to the rebuilt entry
+            scratch = self._replayed
+            if scratch is not None and scratch.sigma != entry.sigma:
+                scratch = None
+            if scratch is None or scratch.locate(roles) is None:
+                scratch = self._replayed = self._replay(entry, scratch)
+            if scratch is None:
+                return None, None
+            return EntryMaps(scratch, [s.data for s in scratch.segments]), scratch.locate(roles)
+        if self._prefetch is not None:
+            flats = self._prefetch.flats(entry)
+        else:
+            flats = [s.data for s in entry.segments]
+        return EntryMaps(entry, flats), entry.locate(roles)
 
-    def _covers(self, maps: NativeEntry) -> bool:
-        by_role = next(iter(maps.maps.values()), {})
-        return all(r in by_role or r.fallback() in by_role for r in self._roles)
-
-    def _replay(self, entry: NativeEntry, scratch: NativeEntry | None = None) -> NativeEntry | None:
+    def _replay(self, entry: NativeEntry, scratch: NativeEntry | None) -> NativeEntry | None:
         if self._replay_fn is None or not entry.replays:
-            return None
+            return scratch
         scratch = scratch or NativeEntry(entry.sigma)
         self.phase = REPLAY
         try:
@@ -206,7 +242,7 @@ class FamRun:
                 self.replays += 1
         finally:
             self.phase = HIRES
-            self._entry = None
+            self._entry = self._segment = None
         return scratch
 
     def _context(self, layer: str, hidden: torch.Tensor):
@@ -220,13 +256,13 @@ class FamRun:
             return None, "token grid changed (token merging / hypertile)"
         if hidden.shape[0] != len(self._roles):
             return None, "batch rows do not match the CFG layout"
-        native = self._maps.rows(layer, self._roles)
+        native = None if self._runs is None else self._maps.rows(layer, self._runs)
         if native is None:
             return None, "no native map for a row's role"
         native_grid = token_grid(self.native_hw, level)
         if native.shape[1] != native_grid[0] * native_grid[1]:
             return None, "native token grid mismatch"
-        return AmContext(native.to(hidden.dtype), grid, native_grid,
+        return AmContext(native.to(hidden.device, hidden.dtype), grid, native_grid,
                          self.params.am_lambda), None
 
     def report(self) -> dict[str, str]:
@@ -234,8 +270,15 @@ class FamRun:
         out = {}
         if self.record is not None and self.params.am_active and self.record.recompute:
             out["FAM AM path"] = "recompute"
+        if self.memory.pin_failed:
+            out["FAM record"] = "not page-locked (cudaHostRegister failed): copies are synchronous"
         skipped = sum(self.am_skipped.values())
         if skipped:
             reasons = "; ".join(f"{n}x {r}" for r, n in self.am_skipped.most_common())
             out["FAM AM skipped"] = f"{skipped} of {skipped + self.am_calls} calls ({reasons})"
         return out
+
+
+def _channels(module: torch.nn.Module) -> int | None:
+    """Input width of an attn1 layer (its to_q), None when the module does not say."""
+    return getattr(getattr(module, "to_q", None), "in_features", None)

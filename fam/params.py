@@ -63,7 +63,7 @@ class FamParams:
     record_offload: bool = _setting(
         True, "FAM record offload", "Keep record in RAM",
         "On a GPU, keep the native record in CPU memory and copy one step at a time "
-        "(saves VRAM for a few % of time).")
+        "(saves VRAM; the next step's part is copied while the current step runs).")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -1,21 +1,34 @@
 """What the native pass leaves for the high-res pass (spec §3, "Native maps per high-res step").
 
-Per native UNet evaluation σ: for every AM layer the normalised attn1 input of each row, keyed
-by row role, never by row index. While the total stays within a byte budget the maps are
-kept ("record path"); past it they are dropped and every entry keeps only the host's replay
-payload (the native latent and conditioning of that call), from which the maps are rebuilt
-by re-running the native UNet when the high-res pass needs them ("recompute path", exact)."""
+Per native UNet evaluation σ an entry; per UNet call at that σ a segment: the normalised attn1
+inputs of every AM layer for the call's rows in ONE flat buffer, layer after layer, each
+(rows, tokens, C) in the call's row order. A high-res call with the same rows reads a view of
+it (no stacking); rows are found by role, never by index. While the total stays within a byte
+budget the maps are kept ("record path"); past it they are dropped and every entry keeps only
+the host's replay payloads, from which the maps are rebuilt by re-running the native UNet
+("recompute path", exact).
+
+Offloaded (a CUDA record kept in host memory): each segment is written on the device into a
+staging buffer, then copied on a side stream into an exactly sized page-locked host buffer
+(`HostMemory`), allocated off the critical path; `release()` gives every byte back."""
 
 from __future__ import annotations
 
 import bisect
 import math
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Sequence
 
 import torch
 
-__all__ = ["Role", "NativeEntry", "NativeRecord", "ReferenceRecord"]
+from .transfer import Pages, Streams, cuda_runtime, page_locked
+
+__all__ = ["Role", "Segment", "NativeEntry", "EntryMaps", "HostMemory", "NativeRecord",
+           "ReferenceRecord"]
+
+_MAX_STAGED = 2          # offload: segments waiting on the device for their host buffer
 
 
 class Role(NamedTuple):
@@ -29,47 +42,192 @@ class Role(NamedTuple):
         return Role(self.image, self.uncond, 0)
 
 
-@dataclass
+class Slice(NamedTuple):
+    offset: int                       # elements into the segment's flat buffer
+    shape: tuple[int, int, int]       # rows, tokens, channels
+
+
+@dataclass(eq=False)
+class Segment:
+    """The AM-layer inputs of one native UNet call, in one flat buffer."""
+    roles: tuple[Role, ...]
+    layout: dict[str, Slice]
+    numel: int
+    dtype: torch.dtype
+    data: torch.Tensor | None = None      # where the maps are written: the compute device, or host
+    host: torch.Tensor | None = None      # offload: the host buffer they end up in
+    pending: Future | None = None         # offload: that buffer, while it is being allocated
+    written: Any = None                   # offload: event after the call's last write
+    recorded: set[str] = field(default_factory=set)
+
+    @classmethod
+    def plan(cls, roles: Sequence[Role], shapes: dict[str, tuple[int, int, int]],
+             dtype: torch.dtype) -> "Segment":
+        layout, at = {}, 0
+        for name, shape in shapes.items():
+            layout[name] = Slice(at, shape)
+            at += math.prod(shape)
+        return cls(tuple(roles), layout, at, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def view(self, flat: torch.Tensor, layer: str) -> torch.Tensor:
+        offset, shape = self.layout[layer]
+        return flat[offset:offset + math.prod(shape)].view(shape)
+
+    def write(self, layer: str, hidden: torch.Tensor) -> bool:
+        """Copy one layer's input into place; False if the call's shape does not fit the plan."""
+        slot = self.layout.get(layer)
+        if slot is None or tuple(hidden.shape) != slot.shape:
+            return False
+        self.view(self.data, layer).copy_(hidden)
+        self.recorded.add(layer)
+        return True
+
+
+@dataclass(eq=False)
 class NativeEntry:
     sigma: float
-    maps: dict[str, dict[Role, torch.Tensor]] = field(default_factory=dict)
+    segments: list[Segment] = field(default_factory=list)
     replays: list[Any] = field(default_factory=list)
+    _where: dict[Role, tuple[int, int]] | None = field(default=None, repr=False)
+    _indexed: int = field(default=0, repr=False)
 
-    def rows(self, layer: str, roles: Sequence[Role]) -> torch.Tensor | None:
-        """Native attn1 inputs for `roles`, stacked (rows, n, C); None if one is missing."""
-        by_role = self.maps.get(layer)
-        if not by_role:
-            return None
-        picked = []
+    def locate(self, roles: Sequence[Role]) -> tuple[tuple[int, int, int], ...] | None:
+        """The rows of `roles`, in order, as runs (segment, start, stop) — one run when the
+        call has the rows of a native call in its order; an AND part without its own native
+        row takes its image's first cond row. None if a role was never recorded."""
+        if self._where is None or self._indexed != len(self.segments):
+            self._where = {r: (s, i) for s, seg in enumerate(self.segments)
+                           for i, r in enumerate(seg.roles)}
+            self._indexed = len(self.segments)
+        runs: list[list[int]] = []
         for r in roles:
-            t = by_role.get(r)
-            if t is None:
-                t = by_role.get(r.fallback())
-            if t is None:
+            at = self._where.get(r) or self._where.get(r.fallback())
+            if at is None:
                 return None
-            picked.append(t)
-        return torch.stack(picked)
+            s, i = at
+            if runs and runs[-1][0] == s and runs[-1][2] == i:
+                runs[-1][2] = i + 1
+            else:
+                runs.append([s, i, i + 1])
+        return tuple(tuple(run) for run in runs)
+
+
+class EntryMaps:
+    """An entry's maps where the AM layers can read them: one flat buffer per segment."""
+
+    def __init__(self, entry: NativeEntry, flats: Sequence[torch.Tensor]):
+        self.entry, self.flats = entry, tuple(flats)
+
+    def rows(self, layer: str, runs) -> torch.Tensor | None:
+        """(rows, n, C) for the runs of `NativeEntry.locate`: a view when it is one run."""
+        parts = []
+        for s, start, stop in runs:
+            seg = self.entry.segments[s]
+            if layer not in seg.recorded:
+                return None
+            parts.append(seg.view(self.flats[s], layer)[start:stop])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class HostMemory:
+    """Every host buffer of one record: exactly the size asked for (no power-of-two rounding,
+    unlike PyTorch's caching host allocator; page-locked buffers are whole pages of their own,
+    < 4 KiB more), page-locked when it feeds a CUDA device (`pin`), counted, and all given
+    back by `release()`. `request` allocates on a worker thread (page-locking costs time in
+    proportion to the size) while the UNet runs. Page-locking that fails leaves the buffer
+    pageable and sets `pin_failed` (noted in the infotext); nothing here raises for it.
+    `runtime`: the CUDA runtime bindings (`fam.transfer.cuda_runtime()` when first needed)."""
+
+    def __init__(self, pin: bool = False, device: torch.device | None = None, runtime: Any = None):
+        self.pin, self.device, self.runtime = pin, device, runtime
+        self.allocated_bytes = self.peak_bytes = self.buffers = 0
+        self.pin_failed = False
+        self._live: list[tuple[torch.Tensor, Pages | None]] = []
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def allocate(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        pages = None
+        if self.pin and numel:
+            if self.runtime is None:
+                self.runtime = cuda_runtime()
+            t, pages = page_locked(numel, dtype, self.runtime)
+        else:
+            t = torch.empty(numel, dtype=dtype)
+        with self._lock:
+            self.pin_failed |= self.pin and numel > 0 and pages is None
+            self._live.append((t, pages))
+            self.allocated_bytes += t.nbytes
+            self.peak_bytes = max(self.peak_bytes, self.allocated_bytes)
+            self.buffers += 1
+        return t
+
+    def request(self, numel: int, dtype: torch.dtype) -> Future:
+        """`allocate` on the worker thread, where a failed cudaHostRegister also leaves its
+        error state (per thread), away from the thread that launches kernels."""
+        if self._pool is None:
+            init = (lambda: _use_device(self.device)) if self.pin else None
+            self._pool = ThreadPoolExecutor(1, "fam-record", initializer=init)
+        return self._pool.submit(self.allocate, numel, dtype)
+
+    def release(self) -> None:
+        """Free everything (after the copies that use it are complete: the caller syncs).
+        With a worker, it runs there after every allocation still queued, so a buffer that
+        arrives late is freed too, and a failed unregistration leaves its error state there.
+        The pages are unmapped as soon as no tensor views them any more."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.submit(self._free)
+            pool.shutdown(wait=True)
+        self._free()   # nothing left when the worker did it
+
+    def _free(self) -> None:
+        with self._lock:
+            live, self._live = self._live, []
+            self.allocated_bytes = self.buffers = 0
+        for _, pages in live:
+            if pages is not None:
+                pages.unlock()
+
+
+def _use_device(device: torch.device | None) -> None:
+    """The worker's current device: the record's (registration is portable, so any context
+    would do; a device that cannot be set leaves the default one)."""
+    try:
+        torch.cuda.set_device(device)
+    except Exception:
+        pass
 
 
 def _log_sigma(sigma: float) -> float:
     return math.log(max(float(sigma), 1e-12))
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 class NativeRecord:
-    """The native trajectory: entries sorted by σ, maps within `budget_bytes` or replays."""
+    """The native trajectory: entries sorted by σ, maps within `budget_bytes` or replays.
+    `offload`: keep the maps of a CUDA record in host memory (`offload_devices` lists the
+    device types this applies to; tests add "cpu" to run the same path without CUDA)."""
+
+    offload_devices: tuple[str, ...] = ("cuda",)
 
     def __init__(self, budget_bytes: int, offload: bool = False):
         self.budget_bytes = budget_bytes
-        self.offload = offload
+        self.offload_wanted = offload
+        self.offload = False
         self.recompute = budget_bytes <= 0
         self.map_bytes = 0
+        self.device: torch.device | None = None
+        self.memory = HostMemory()
+        self.streams: Streams | None = None
         self._entries: dict[float, NativeEntry] = {}
         self._sorted: list[NativeEntry] = []
         self._keys: list[float] = []     # log σ of `_sorted`, for bisection
+        self._open: Segment | None = None
+        self._staged: list[Segment] = []
 
     # ---- native pass ----------------------------------------------------------------
     def entry(self, sigma: float) -> NativeEntry:
@@ -81,32 +239,106 @@ class NativeRecord:
             self._keys = [_log_sigma(x.sigma) for x in self._sorted]
         return e
 
-    def add(self, entry: NativeEntry, layer: str, roles: Sequence[Role],
-            hidden: torch.Tensor) -> None:
+    def open(self, entry: NativeEntry, segment: Segment, device: torch.device) -> Segment | None:
+        """Give `segment` (one native call's plan) its storage within the budget; None once
+        the record has switched to the recompute path. A call at a σ already recorded with
+        the same rows (Heun's repeated σ) writes over that segment: the last call wins."""
+        self.close()
         if self.recompute:
-            return
-        size = _nbytes(hidden)
-        if self.map_bytes + size > self.budget_bytes:
+            return None
+        same = next((s for s in entry.segments if (s.roles, s.layout, s.dtype)
+                     == (segment.roles, segment.layout, segment.dtype)), None)
+        if same is not None:
+            return self._reopen(same, device)
+        if self.map_bytes + segment.nbytes > self.budget_bytes:
             self._switch_to_recompute()
-            return
-        if self.offload and hidden.device.type == "cuda":
-            hidden = hidden.to("cpu", non_blocking=True)
-        per_role = entry.maps.setdefault(layer, {})
-        for r, row in zip(roles, hidden.unbind(0)):
-            per_role[r] = row
-        self.map_bytes += size
+            return None
+        if self.device is None:
+            self._start(device)
+        if self.offload:
+            segment.data = torch.empty(segment.numel, dtype=segment.dtype, device=device)
+            segment.pending = self.memory.request(segment.numel, segment.dtype)
+        elif device.type == "cpu":
+            segment.data = self.memory.allocate(segment.numel, segment.dtype)
+        else:
+            segment.data = torch.empty(segment.numel, dtype=segment.dtype, device=device)
+        entry.segments.append(segment)
+        self.map_bytes += segment.nbytes
+        self._open = segment
+        return segment
 
-    def drop_replays(self) -> None:
+    def _reopen(self, segment: Segment, device: torch.device) -> Segment:
+        if segment in self._staged:       # not copied yet: its copy will take the new values
+            self._staged.remove(segment)
+        elif segment.data is None:        # copied: stage again, into the same host buffer
+            segment.data = torch.empty(segment.numel, dtype=segment.dtype, device=device)
+        self._open = segment
+        return segment
+
+    def _start(self, device: torch.device) -> None:
+        self.device = device
+        self.offload = self.offload_wanted and device.type in self.offload_devices
+        self.streams = Streams(device)
+        if self.offload and device.type == "cuda":
+            self.memory.pin, self.memory.device = True, device
+
+    def close(self) -> None:
+        """The open segment's call is over: stage it for its copy to host memory."""
+        seg, self._open = self._open, None
+        if seg is not None and self.offload:
+            seg.written = self.streams.mark()
+            self._staged.append(seg)
+        self._flush(wait=False)
+
+    def _flush(self, wait: bool) -> None:
+        """Copy staged segments whose host buffer exists (all of them with `wait`, and the
+        oldest while too many wait) and drop their device copy."""
+        while self._staged:
+            seg = self._staged[0]
+            ready = seg.pending is None or seg.pending.done()
+            if not (wait or ready or len(self._staged) > _MAX_STAGED):
+                break
+            self._staged.pop(0)
+            if seg.pending is not None:
+                seg.host, seg.pending = seg.pending.result(), None
+            self.streams.copy([(seg.host, seg.data)], after=seg.written)
+            seg.data = seg.written = None
+
+    def finish(self) -> None:
+        """End of the native pass: every map in its final place; replays dropped if unused."""
+        self.close()
+        self._flush(wait=True)
+        if not self.recompute:
+            for e in self._entries.values():
+                e.replays.clear()
+
+    def release(self) -> None:
+        """Give back every buffer (the host's `finally`); waits for copies still running."""
+        self._open = None
+        self._staged.clear()
+        if self.streams is not None:
+            self.streams.synchronize()
         for e in self._entries.values():
-            e.replays.clear()
+            for seg in e.segments:
+                seg.data = seg.host = seg.pending = seg.written = None
+        self.memory.release()
 
     def _switch_to_recompute(self) -> None:
         self.recompute = True
         self.map_bytes = 0
+        self._open = None
+        self._staged.clear()
         for e in self._entries.values():
-            e.maps.clear()
+            e.segments.clear()
+        if self.streams is not None:
+            self.streams.synchronize()
+        self.memory.release()
 
     # ---- high-res pass --------------------------------------------------------------
+    @property
+    def entries(self) -> list[NativeEntry]:
+        return list(self._sorted)
+
     @property
     def sigmas(self) -> list[float]:
         return [e.sigma for e in self._sorted]
@@ -119,6 +351,11 @@ class NativeRecord:
         i = bisect.bisect_left(keys, x)
         cands = [j for j in (i - 1, i) if 0 <= j < len(keys)]
         return self._sorted[min(cands, key=lambda j: abs(keys[j] - x))]
+
+    def below(self, entry: NativeEntry) -> NativeEntry | None:
+        """The entry with the next lower σ: the one a sampler reaches next."""
+        i = bisect.bisect_left(self._keys, _log_sigma(entry.sigma))
+        return self._sorted[i - 1] if i > 0 else None
 
 
 class ReferenceRecord:
@@ -136,3 +373,9 @@ class ReferenceRecord:
         if self._last is None or self._last.sigma != sigma:
             self._last = NativeEntry(float(sigma), replays=[float(sigma)])
         return self._last
+
+    def finish(self) -> None:
+        pass
+
+    def release(self) -> None:
+        self._last = None

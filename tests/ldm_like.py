@@ -4,24 +4,7 @@
 import torch
 from torch import nn
 
-
-class CrossAttention(nn.Module):
-    """The ldm attention interface: heads, to_q/to_k/to_v, to_out = Sequential(Linear, Dropout)."""
-
-    def __init__(self, dim, heads, context_dim=None):
-        super().__init__()
-        self.heads, self.scale = heads, (dim // heads) ** -0.5
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
-
-    def forward(self, x, context=None, mask=None):
-        from fam.attention import merge_heads, split_heads
-        ctx = x if context is None else context
-        q, k, v = (split_heads(p(t), self.heads) for p, t in
-                   ((self.to_q, x), (self.to_k, ctx), (self.to_v, ctx)))
-        return self.to_out(merge_heads(torch.nn.functional.scaled_dot_product_attention(q, k, v)))
+from fam.bench_ldm import CrossAttention   # the ldm attention interface, A1111's SDPA forward
 
 
 class BasicTransformerBlock(nn.Module):

@@ -10,7 +10,7 @@ from conftest import SCHED_KW
 from fam.guidance import FamRun, token_grid
 from fam.layers import AttnLayer
 from fam.params import FamParams
-from fam.record import NativeRecord, Role
+from fam.record import NativeRecord, Role, Segment
 from fam.schedule import VPSchedule
 
 U0, C0, U1, C1 = Role(0, True), Role(0), Role(1, True), Role(1)
@@ -91,11 +91,16 @@ def test_record_budget_is_honoured_and_switches_to_recompute():
     for i, sigma in enumerate((3.0, 2.0, 1.0)):
         e = rec.entry(sigma)
         e.replays.append(i)
-        rec.add(e, "L", [C0, U0], hidden(2, 16, i))
+        seg = rec.open(e, Segment.plan([C0, U0], {"L": (2, 16, 8)}, torch.float32),
+                       torch.device("cpu"))
+        if seg is not None:
+            assert seg.write("L", hidden(2, 16, i))
         seen.append(rec.map_bytes)
-        assert rec.map_bytes <= rec.budget_bytes
+        assert rec.map_bytes <= rec.budget_bytes == 5 * row_bytes
+        assert rec.memory.allocated_bytes == rec.map_bytes     # bytes allocated = counted
     assert seen == [2 * row_bytes, 4 * row_bytes, 0] and rec.recompute
-    assert all(not rec.entry(s).maps for s in (3.0, 2.0, 1.0))
+    assert rec.memory.buffers == 0
+    assert all(not rec.entry(s).segments for s in (3.0, 2.0, 1.0))
     assert [rec.entry(s).replays for s in (3.0, 2.0, 1.0)] == [[0], [1], [2]]
     assert rec.nearest(1.6).sigma == 2.0 and rec.nearest(1.3).sigma == 1.0
     assert rec.nearest(100).sigma == 3.0 and rec.sigmas == [1.0, 2.0, 3.0]
