@@ -131,7 +131,7 @@ def world_grid(world: str, samples, cols: int):
         blocks.append((f"{s:g}x ({round(model_native * s)} px)",   # PIL's default font has no ×
                        [(METHODS[m].label, x) for m, x in samples[s].items() if m != "native"]))
     w = WORLDS[world]
-    title = (f"World {w.number} ({w.name}): tiny model trained on synthetic images — {w.summary}. "
+    title = (f"World {w.number} ({w.name}): tiny model trained on synthetic images: {w.summary}. "
              f"Columns: seeds, same in every row.")
     return grid(blocks, cols, title, _cell(model_native, scales))
 
