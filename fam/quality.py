@@ -128,10 +128,10 @@ def world_grid(world: str, samples, cols: int):
     first = samples[scales[0]]
     blocks = [("native", [(METHODS["native"].label, first["native"])])] if "native" in first else []
     for s in scales:
-        blocks.append((f"{s:g}× ({round(model_native * s)} px)",
+        blocks.append((f"{s:g}x ({round(model_native * s)} px)",   # PIL's default font has no ×
                        [(METHODS[m].label, x) for m, x in samples[s].items() if m != "native"]))
     w = WORLDS[world]
-    title = (f"World {w.number} ({w.name}): tiny model trained on synthetic images — {w.summary}. "
+    title = (f"World {w.number} ({w.name}): tiny model trained on synthetic images: {w.summary}. "
              f"Columns: seeds, same in every row.")
     return grid(blocks, cols, title, _cell(model_native, scales))
 
@@ -143,7 +143,7 @@ def figure(path: Path, world: str = "disc", scale: float = 2, seed: int = 0, col
     rows = [(METHODS[m].label.replace(" (training size)", f" {model.native} px"), imgs[m])
             for m in FIGURE_METHODS]
     title = (f"Tiny diffusion model trained on synthetic one-disc images ({model.native} px), "
-             f"sampled at {scale:g}× ({round(model.native * scale)} px), seeds {seed}:0-{cols - 1}")
+             f"sampled at {scale:g}x ({round(model.native * scale)} px); one batch of {cols}, seed {seed}")
     img = grid([("", rows)], cols, title, _cell(model.native, [scale]))
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, optimize=True)
