@@ -42,7 +42,7 @@ def snapshot(patcher):
 
 def forge_generate(model, params=ON, batch=1, parts=1, max_chunks=None, vp=False,
                    reference=False, hires_scale=5.0, double_hook=False, with_reset=True,
-                   inference_mode=False):
+                   inference_mode=False, after_fam=None):
     """Native pass then high-res pass as Forge runs them, with `generate`'s inputs, FAM on
     both when enabled; the UNet reset before each pass, the hires hook run once or twice."""
     base = model.forge_objects.unet
@@ -70,6 +70,8 @@ def forge_generate(model, params=ON, batch=1, parts=1, max_chunks=None, vp=False
                         reset(model, base)
                     gen.guide_hires(model.forge_objects, cfg, z0, noise_h, vp,
                                     reference=native if reference else None)
+                if after_fam:   # another extension's hook, after FAM's, on the same UNet
+                    after_fam(model.forge_objects.unet)
             if vp:
                 a = torch.cumprod(1 - BETAS, 0).float()[999]
                 hires = ddim(cfg, a.sqrt() * z0 + (1 - a).sqrt() * noise_h, ts, cond, uncond,
@@ -281,6 +283,25 @@ def test_an_earlier_unet_wrapper_stays_in_the_chain():
     assert not torch.equal(r.out, plain.out)
 
 
+def test_an_attn1_patch_after_fams_that_merges_tokens_is_noted():
+    def merge(n, context, value, extra):
+        return n, context[:, ::2], value[:, ::2]    # fewer keys, as token-merging tricks do
+
+    model = forge_model(sd1_like)
+    r = forge_generate(model, after_fam=lambda unet: unet.set_model_attn1_patch(merge))
+    assert r.info["FAM note"].startswith(f"AM fell back to plain attention in {4 * 3} calls")
+
+
+def test_a_unet_wrapper_replaced_after_fams_is_noted():
+    def wrapper(apply_model, args):
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model = forge_model(sd1_like)
+    r = forge_generate(model, after_fam=lambda unet: unet.set_model_unet_function_wrapper(wrapper))
+    assert r.info["FAM note"] == "AM did not run: another extension replaced Forge's UNet function wrapper"
+    assert r.gen.run.fm_calls == 4 and r.gen.run.am_calls == 0
+
+
 def test_leftover_clone_functions_are_inert_after_remove():
     model = forge_model(sd1_like)
     r = forge_generate(model)
@@ -336,6 +357,12 @@ def test_memory_reserved_for_the_record_on_a_gpu_only():
     assert native_reserve(ON)[1] == 0                                     # record in RAM
     assert native_reserve(ON.replace(record_offload=False))[1] == 2 * 4 * step
     assert native_reserve(ON.replace(record_offload=False, record_budget_mb=0))[1] == 0
+    gen = new_generation(model, ON.replace(record_offload=False))
+    gen.record_native(model.forge_objects, forge_like.CFGDenoiser(model), x, vp=False, steps=4)
+    gen.guide_hires(model.forge_objects, forge_like.CFGDenoiser(model), torch.zeros(2, 4, *HIRES),
+                    torch.zeros(2, 4, *HIRES), vp=False)
+    assert model.forge_objects.unet.extra_preserved_memory_during_sampling == step  # one step
+    gen.remove()
     gen, reserved = native_reserve(ON.replace(record_offload=False), low_vram=True)
     assert reserved == 0 and gen.params.record_offload
     assert gen.report()["FAM record"] == "kept in RAM (low VRAM)"

@@ -39,6 +39,7 @@ __all__ = ["ForgeGeneration", "chunk_roles", "sdpa_attention", "forge_layout", "
            "native_kwargs", "FAM_MARK"]
 
 FAM_MARK = "_fam_generation"  # attribute naming the generation on each of FAM's patch functions
+_RESERVED = "_fam_reserved_bytes"  # what FAM added to a clone's preserved sampling memory
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -179,7 +180,6 @@ class ForgeGeneration:
         self._pending: tuple[str, Any] | None = None   # attn1 patch -> attn1 replace
         self._part = 0                                  # next AND part in this CFG step
         self._patches: list[tuple[Any, str, bool, Any]] = []
-        self._wrapped: list[Any] = []                   # denoisers whose forward FAM wraps
         self._clones: list[tuple[Any, Any, Any]] = []   # (forge_objects, replaced, clone)
         self._hires_cfg = None
         self._current: tuple[Callable, dict, tuple[Role, ...]] | None = None
@@ -255,7 +255,6 @@ class ForgeGeneration:
             else:
                 obj.__dict__.pop(attr, None)
         self._patches.clear()
-        self._wrapped.clear()
         self.run.end()
         self.mode, self._hires_cfg = "idle", None
         self._current = self._ref = self._ref_eps = self._pending = None
@@ -278,10 +277,7 @@ class ForgeGeneration:
     def patch_unet(self, forge_objects: Any, steps: int = 0) -> None:
         """Put a clone of `forge_objects.unet` carrying FAM's functions in its place."""
         replaced = forge_objects.unet
-        for holder, before, clone in self._clones:
-            if clone is replaced:          # the same pass again without Forge's reset
-                replaced = before
-        unet = forge_objects.unet.clone()
+        unet = replaced.clone()
         _strip(unet.model_options)
         unet.set_model_attn1_patch(self._attn1_patch())
         if self.mode == "hires":
@@ -290,9 +286,12 @@ class ForgeGeneration:
                                              layer.index, layer.transformer)
         unet.set_model_unet_function_wrapper(
             self._unet_wrapper(unet.model_options.get("model_function_wrapper")))
+        # a clone of a FAM clone (no reset in between) carries its reservation: count it once
         reserve = self.reserve_bytes(getattr(unet, "load_device", None), steps)
-        if reserve:
-            unet.add_extra_preserved_memory_during_sampling(reserve)
+        change = reserve - getattr(replaced, _RESERVED, 0)
+        if change:
+            unet.add_extra_preserved_memory_during_sampling(change)
+        setattr(unet, _RESERVED, reserve)
         forge_objects.unet = unet
         self._clones.append((forge_objects, replaced, unet))
 
@@ -406,8 +405,6 @@ class ForgeGeneration:
         return self.schedule.t_to_sigma(s) if vp else s
 
     def _wrap_denoiser(self, cfg: Any, vp: bool) -> None:
-        if any(c is cfg for c in self._wrapped):
-            return
         cfg_forward = cfg.forward
 
         def forward(x, sigma, *args, **kwargs):
@@ -418,7 +415,6 @@ class ForgeGeneration:
             return cfg_forward(x, sigma, *args, **kwargs)
 
         self._patch(cfg, "forward", forward)
-        self._wrapped.append(cfg)
 
     def _patch(self, obj: Any, attr: str, value: Any) -> None:
         had_own = attr in obj.__dict__
