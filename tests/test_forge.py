@@ -3,7 +3,9 @@ UnetPatcher, transformer blocks and CFG batch assembly (tests/forge_like.py). Th
 on the same weights is the reference: the same generation through both must agree."""
 
 import copy
-from types import SimpleNamespace
+import enum
+import sys
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -11,8 +13,9 @@ import torch.nn.functional as F
 
 import forge_like
 from fam.hosts.a1111_args import FamRequestError
-from fam.hosts.forge import (FAM_MARK, ForgeGeneration, chunk_roles, forge_layout, forge_schedule,
-                             native_kwargs, sdpa_attention)
+from fam.hosts.forge import (FAM_MARK, ForgeGeneration, chunk_roles, forge_generation,
+                             forge_layout, forge_schedule, low_vram_mode, native_kwargs,
+                             sdpa_attention, webui_attention)
 from fam.params import FamParams
 from fam.record import Role
 from ldm_like import sd1_like, sdxl_like
@@ -148,6 +151,39 @@ def test_schedule_from_the_models_sigma_table():
     assert forge_schedule(ldm_patched_style).sigma_max == pytest.approx(sched.sigma_max)
     with pytest.raises(FamRequestError, match="no discrete noise schedule"):
         forge_schedule(SimpleNamespace())
+
+
+def test_forge_generation_from_the_models_module():
+    engine = type("StableDiffusion", (), {"__module__": "backend.diffusion_engine.sd15"})()
+    engine.forge_objects = None
+    ldm = type("LatentDiffusion", (), {"__module__": "ldm.models.diffusion.ddpm"})()
+    ldm.forge_objects = None
+    a1111 = type("LatentDiffusion", (), {"__module__": "ldm.models.diffusion.ddpm"})()
+    assert forge_generation(engine) == "backend" and forge_generation(ldm) == "ldm_patched"
+    assert forge_generation(a1111) is None
+
+
+class VRAMState(enum.Enum):
+    NORMAL_VRAM, LOW_VRAM, NO_VRAM = 3, 2, 1
+
+
+@pytest.mark.parametrize("generation, attention, memory", [
+    ("backend", ("backend.attention", "attention_function"), "backend.memory_management"),
+    ("ldm_patched", ("ldm_patched.ldm.modules.attention", "optimized_attention"),
+     "ldm_patched.modules.model_management")])
+def test_webui_attention_and_vram_state_follow_forges_current_setting(
+        monkeypatch, generation, attention, memory):
+    att, mem = ModuleType(attention[0]), ModuleType(memory)
+    monkeypatch.setitem(sys.modules, attention[0], att)
+    monkeypatch.setitem(sys.modules, memory, mem)
+    setattr(att, attention[1], lambda q, k, v, heads: ("first", heads))
+    fn = webui_attention(generation)
+    setattr(att, attention[1], lambda q, k, v, heads: ("switched", heads))  # user changed it
+    assert fn(None, None, None, 8) == ("switched", 8)
+    mem.vram_state = VRAMState.NORMAL_VRAM
+    assert not low_vram_mode(generation)
+    mem.vram_state = VRAMState.LOW_VRAM
+    assert low_vram_mode(generation)
 
 
 # ---- end to end against the A1111 path ------------------------------------------------------

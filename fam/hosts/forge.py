@@ -21,6 +21,7 @@ Nothing here imports Forge: the script passes Forge's attention function in."""
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
@@ -36,7 +37,7 @@ from .a1111 import same_architecture
 from .a1111_args import FamRequestError
 
 __all__ = ["ForgeGeneration", "chunk_roles", "sdpa_attention", "forge_layout", "forge_schedule",
-           "native_kwargs", "FAM_MARK"]
+           "native_kwargs", "forge_generation", "webui_attention", "low_vram_mode", "FAM_MARK"]
 
 FAM_MARK = "_fam_generation"  # attribute naming the generation on each of FAM's patch functions
 _RESERVED = "_fam_reserved_bytes"  # what FAM added to a clone's preserved sampling memory
@@ -49,6 +50,37 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
     passes no attention function of the WebUI's own."""
     out = F.scaled_dot_product_attention(*(split_heads(t, heads) for t in (q, k, v)))
     return merge_heads(out)
+
+
+# ---- the WebUI, looked up per generation (never imported with this module) -----------------
+_WEBUI = {  # generation: (attention module, its function, memory module)
+    "backend": ("backend.attention", "attention_function", "backend.memory_management"),
+    "ldm_patched": ("ldm_patched.ldm.modules.attention", "optimized_attention",
+                    "ldm_patched.modules.model_management"),
+}
+
+
+def forge_generation(sd_model: Any) -> str | None:
+    """'backend' (Forge main, Neo, ersatzForge: the model is a backend diffusion engine),
+    'ldm_patched' (Forge Classic, reForge: an ldm/sgm model with Forge objects), or None
+    (not a Forge: A1111)."""
+    if not hasattr(sd_model, "forge_objects"):
+        return None
+    root = type(sd_model).__module__.split(".")[0]
+    return "backend" if root == "backend" else "ldm_patched"
+
+
+def webui_attention(generation: str) -> Attention:
+    """The attention function Forge itself uses now (it follows the user's setting)."""
+    module_name, attr, _ = _WEBUI[generation]
+    module = importlib.import_module(module_name)
+    return lambda q, k, v, heads: getattr(module, attr)(q, k, v, heads)
+
+
+def low_vram_mode(generation: str) -> bool:
+    """Forge runs in low- or no-VRAM mode (FAM then keeps its record in RAM)."""
+    state = getattr(importlib.import_module(_WEBUI[generation][2]), "vram_state", None)
+    return getattr(state, "name", "") in ("LOW_VRAM", "NO_VRAM")
 
 
 def chunk_roles(cond_or_uncond: Sequence[int], rows: int, first_part: int = 0) -> list[Role]:
