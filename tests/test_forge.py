@@ -15,6 +15,7 @@ import forge_like
 from fam.hosts.a1111_args import FamRequestError
 from fam.hosts.forge import (FAM_MARK, ForgeGeneration, chunk_roles, forge_generation,
                              forge_layout, forge_schedule, low_vram_mode, native_kwargs,
+                             native_size_vector,
                              sdpa_attention, webui_attention)
 from fam.params import FamParams
 from fam.record import Role
@@ -114,6 +115,18 @@ def test_native_kwargs_resize_image_conditioning_and_drop_controlnet():
     assert out["c_crossattn"] is c["c_crossattn"]
 
 
+def test_native_size_vector_rewrites_only_the_size_embeddings():
+    def embedder(t):   # Forge's: a sinusoidal embedding of one number, here 4 wide
+        return torch.cat([t.sin(), t.cos(), (t / 2).sin(), (t / 2).cos()])[None]
+
+    def vector(h, w, crop=(3.0, 5.0), pooled=torch.arange(6.0)):
+        parts = [embedder(torch.tensor([float(v)])) for v in (h, w, *crop, h, w)]
+        return torch.cat([pooled, torch.cat(parts).flatten()])[None].repeat(2, 1)
+
+    out = native_size_vector(embedder, vector(1024, 2048), 512, 1024)
+    assert torch.equal(out, vector(512, 1024))
+
+
 @pytest.mark.parametrize("make, expect", [
     (sd1_like, {("output", i, 0) for i in (3, 4, 5)}),
     (sdxl_like, {("output", i, t) for i in (0, 1, 2) for t in range(3)})], ids=["sd1", "sdxl"])
@@ -182,6 +195,11 @@ def test_webui_attention_and_vram_state_follow_forges_current_setting(
     assert fn(None, None, None, 8) == ("switched", 8)
     mem.vram_state = VRAMState.NORMAL_VRAM
     assert not low_vram_mode(generation)
+    mem.current_loaded_models = [SimpleNamespace(model_accelerated=False)]
+    assert not low_vram_mode(generation)
+    mem.current_loaded_models.append(SimpleNamespace(model_accelerated=True))  # swapped in parts
+    assert low_vram_mode(generation)
+    mem.current_loaded_models.clear()
     mem.vram_state = VRAMState.LOW_VRAM
     assert low_vram_mode(generation)
 

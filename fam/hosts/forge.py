@@ -37,7 +37,7 @@ from .a1111 import same_architecture
 from .a1111_args import FamRequestError
 
 __all__ = ["ForgeGeneration", "chunk_roles", "sdpa_attention", "forge_layout", "forge_schedule",
-           "native_kwargs", "forge_generation", "webui_attention", "low_vram_mode", "FAM_MARK"]
+           "native_kwargs", "native_size_vector", "forge_generation", "webui_attention", "low_vram_mode", "FAM_MARK"]
 
 FAM_MARK = "_fam_generation"  # attribute naming the generation on each of FAM's patch functions
 _RESERVED = "_fam_reserved_bytes"  # what FAM added to a clone's preserved sampling memory
@@ -78,9 +78,13 @@ def webui_attention(generation: str) -> Attention:
 
 
 def low_vram_mode(generation: str) -> bool:
-    """Forge runs in low- or no-VRAM mode (FAM then keeps its record in RAM)."""
-    state = getattr(importlib.import_module(_WEBUI[generation][2]), "vram_state", None)
-    return getattr(state, "name", "") in ("LOW_VRAM", "NO_VRAM")
+    """Forge runs in low- or no-VRAM mode, or had to load a model in parts (it swaps modules
+    to the CPU when one does not fit): FAM then keeps its record in RAM."""
+    memory = importlib.import_module(_WEBUI[generation][2])
+    state = getattr(getattr(memory, "vram_state", None), "name", "")
+    swapped = any(getattr(m, "model_accelerated", False)
+                  for m in getattr(memory, "current_loaded_models", ()))
+    return state in ("LOW_VRAM", "NO_VRAM") or swapped
 
 
 def chunk_roles(cond_or_uncond: Sequence[int], rows: int, first_part: int = 0) -> list[Role]:
@@ -112,6 +116,20 @@ def native_kwargs(c: Mapping[str, Any], hw) -> dict:
         out["c_concat"] = F.interpolate(cc, size=tuple(hw), mode="bilinear", align_corners=False)
     if isinstance(out.get("transformer_options"), dict):
         out["transformer_options"] = dict(out["transformer_options"])
+    return out
+
+
+def native_size_vector(embedder: Callable[[torch.Tensor], torch.Tensor], vector: torch.Tensor,
+                       height: int, width: int) -> torch.Tensor:
+    """SDXL's `y` as Forge's backend builds it (pooled text, then one embedding each of the
+    height, width, crop top, crop left, target height, target width) with the sizes set to
+    height×width pixels, for a native-size call; the text and crop parts are kept."""
+    sizes = [embedder(torch.tensor([float(v)])).flatten() for v in (height, width)]
+    n = sizes[0].numel()
+    out = vector.clone()
+    for slot, emb in zip((6, 5, 2, 1), sizes + sizes):   # counted from the end, n wide each
+        start = vector.shape[1] - slot * n
+        out[:, start:start + n] = emb.to(out)
     return out
 
 
