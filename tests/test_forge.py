@@ -12,15 +12,16 @@ import torch
 import torch.nn.functional as F
 
 import forge_like
-from fam.hosts.a1111_args import FamRequestError
+from a1111_like import BETAS, SCHEDULE, TIMESTEPS, conds, ddim, euler, sigmas
 from fam.hosts.forge import (FAM_MARK, ForgeGeneration, chunk_roles, forge_generation,
                              forge_layout, forge_schedule, low_vram_mode, native_kwargs,
-                             native_size_vector,
-                             sdpa_attention, webui_attention)
+                             native_size_vector, sdpa_attention, webui_attention)
+from fam.hosts.webui import native_side
+from fam.hosts.webui_args import FamRequestError
 from fam.params import FamParams
 from fam.record import Role
 from ldm_like import sd1_like, sdxl_like
-from test_a1111 import BETAS, HIRES, NATIVE, SCHEDULE, conds, ddim, euler, generate, sigmas
+from test_a1111 import HIRES, NATIVE, generate
 
 ON = FamParams(enabled=True)
 SIGMA_TABLE = ((1 - torch.cumprod(1 - BETAS, 0)) / torch.cumprod(1 - BETAS, 0)).sqrt().float()
@@ -44,42 +45,52 @@ def snapshot(patcher):
     return copy.deepcopy(patcher.model_options), patcher.extra_preserved_memory_during_sampling
 
 
+def job(model, batch=1, steps=4):
+    """The p and sampler a pass hands the generation (`model_wrap_cfg` is set per pass)."""
+    p = SimpleNamespace(sd_model=model, batch_size=batch, height=8 * NATIVE[0],
+                        width=8 * NATIVE[1], steps=steps)
+    return p, SimpleNamespace(model_wrap_cfg=None, func=None)
+
+
 def forge_generate(model, params=ON, batch=1, parts=1, max_chunks=None, vp=False,
                    reference=False, hires_scale=5.0, double_hook=False, with_reset=True,
                    inference_mode=False, after_fam=None):
     """Native pass then high-res pass as Forge runs them, with `generate`'s inputs, FAM on
-    both when enabled; the UNet reset before each pass, the hires hook run once or twice."""
+    both when enabled; the UNet reset before each pass; the hires hook run once or twice
+    (Forge main: the second time after another reset, on the same sampler)."""
     base = model.forge_objects.unet
     cond, uncond = conds(batch, parts)
     g = torch.Generator().manual_seed(1)
     noise_n = torch.randn(batch, 4, *NATIVE, generator=g)
     noise_h = torch.randn(batch, 4, *HIRES, generator=g)
     gen = new_generation(model, params) if params.enabled else None
+    p, sampler = job(model, batch)
     grad = torch.inference_mode() if inference_mode else torch.no_grad()
-    ts = [1, 251, 501, 751, 999]
     try:
         with grad:
             reset(model, base)
-            cfg = forge_like.CFGDenoiser(model, max_chunks, timesteps=vp)
+            cfg = sampler.model_wrap_cfg = forge_like.CFGDenoiser(model, max_chunks, timesteps=vp)
             if gen and not reference:
-                gen.record_native(model.forge_objects, cfg, noise_n, vp, steps=4)
-            native = (ddim(cfg, noise_n, ts, cond, uncond) if vp
+                gen.record_native(p, sampler, vp)
+            native = (ddim(cfg, noise_n, TIMESTEPS, cond, uncond) if vp
                       else euler(cfg, noise_n * 14.6, sigmas(), cond, uncond))
             z0 = F.interpolate(native.float(), size=HIRES, mode="bicubic")
-            reset(model, base)
-            cfg = forge_like.CFGDenoiser(model, max_chunks, timesteps=vp)
+            if not (gen and double_hook):   # Forge main's first hires call sees the old UNet
+                reset(model, base)
+            sampler = SimpleNamespace(func=None)
+            cfg = sampler.model_wrap_cfg = forge_like.CFGDenoiser(model, max_chunks, timesteps=vp)
             if gen:
-                for _ in range(2 if double_hook else 1):
+                gen.guide_hires(p, sampler, z0, noise_h, vp, reference=native if reference else None)
+                if double_hook:
                     if with_reset:
                         reset(model, base)
-                    gen.guide_hires(model.forge_objects, cfg, z0, noise_h, vp,
-                                    reference=native if reference else None)
+                    gen.refresh(p)
                 if after_fam:   # another extension's hook, after FAM's, on the same UNet
                     after_fam(model.forge_objects.unet)
             if vp:
                 a = torch.cumprod(1 - BETAS, 0).float()[999]
-                hires = ddim(cfg, a.sqrt() * z0 + (1 - a).sqrt() * noise_h, ts, cond, uncond,
-                             scale=hires_scale)
+                hires = ddim(cfg, a.sqrt() * z0 + (1 - a).sqrt() * noise_h, TIMESTEPS, cond,
+                             uncond, scale=hires_scale)
             else:
                 hires = euler(cfg, z0 + noise_h * 14.6, sigmas(), cond, uncond, scale=hires_scale)
             unet_used = model.forge_objects.unet
@@ -133,12 +144,13 @@ def test_native_size_vector_rewrites_only_the_size_embeddings():
 def test_am_layers_get_replacements_under_forges_keys(make, expect):
     model = forge_model(make)
     gen = new_generation(model)
-    cfg = forge_like.CFGDenoiser(model)
-    gen.record_native(model.forge_objects, cfg, torch.zeros(1, 4, *NATIVE), vp=False)
+    p, sampler = job(model)
+    sampler.model_wrap_cfg = forge_like.CFGDenoiser(model)
+    gen.record_native(p, sampler, vp=False)
     native_clone = model.forge_objects.unet
     assert "attn1" not in native_clone.model_options["transformer_options"].get("patches_replace", {})
-    gen.guide_hires(model.forge_objects, forge_like.CFGDenoiser(model), torch.zeros(1, 4, *HIRES),
-                    torch.zeros(1, 4, *HIRES), vp=False)
+    hires = SimpleNamespace(model_wrap_cfg=forge_like.CFGDenoiser(model), func=None)
+    gen.guide_hires(p, hires, torch.zeros(1, 4, *HIRES), torch.zeros(1, 4, *HIRES), vp=False)
     table = model.forge_objects.unet.model_options["transformer_options"]["patches_replace"]["attn1"]
     assert set(table) == expect
     gen.remove()
@@ -277,8 +289,9 @@ def test_sigma_matching_keys_the_record_by_the_unets_sigma():
     cond, uncond = conds()
     try:
         with torch.no_grad():
-            cfg = forge_like.CFGDenoiser(model)
-            gen.record_native(model.forge_objects, cfg, torch.zeros(1, 4, *NATIVE), vp=False)
+            p, sampler = job(model)
+            cfg = sampler.model_wrap_cfg = forge_like.CFGDenoiser(model)
+            gen.record_native(p, sampler, vp=False)
             euler(cfg, torch.randn(1, 4, *NATIVE) * 14.6, sigmas(), cond, uncond)
             assert gen.run.record.sigmas == pytest.approx([0.3, 1.2, 4.0, 14.6])
             assert gen.run.record.nearest(1.0).sigma == pytest.approx(1.2)
@@ -371,7 +384,7 @@ def test_failed_setup_makes_the_sampler_raise_and_comes_off():
     model = forge_model(sd1_like)
     gen = new_generation(model)
     cfg = forge_like.CFGDenoiser(model)
-    gen.fail(cfg, FamRequestError("FAM: broken"))
+    gen.fail(SimpleNamespace(model_wrap_cfg=cfg), FamRequestError("FAM: broken"))
     cond, uncond = conds()
     with pytest.raises(FamRequestError, match="broken"):
         euler(cfg, torch.randn(1, 4, *NATIVE), sigmas(), cond, uncond)
@@ -382,9 +395,10 @@ def test_failed_setup_makes_the_sampler_raise_and_comes_off():
 def test_hires_without_native_pass_is_refused():
     model = forge_model(sd1_like)
     gen = new_generation(model)
+    p, sampler = job(model)
+    sampler.model_wrap_cfg = forge_like.CFGDenoiser(model)
     with pytest.raises(FamRequestError, match="no native pass"):
-        gen.guide_hires(model.forge_objects, forge_like.CFGDenoiser(model),
-                        torch.zeros(1, 4, *HIRES), torch.zeros(1, 4, *HIRES), vp=False)
+        gen.guide_hires(p, sampler, torch.zeros(1, 4, *HIRES), torch.zeros(1, 4, *HIRES), vp=False)
 
 
 def test_hires_model_of_another_architecture_is_refused_by_name():
@@ -398,11 +412,15 @@ def test_memory_reserved_for_the_record_on_a_gpu_only():
     model = forge_model(sd1_like)
     model.forge_objects.unet.load_device = torch.device("cuda")   # never used to compute here
     base = model.forge_objects.unet
-    x = torch.zeros(2, 4, *NATIVE)
+
+    def pass_of(gen):
+        p, sampler = job(model, batch=2)
+        sampler.model_wrap_cfg = forge_like.CFGDenoiser(model)
+        return p, sampler
 
     def native_reserve(params, **kw):
         gen = new_generation(model, params, **kw)
-        gen.record_native(model.forge_objects, forge_like.CFGDenoiser(model), x, vp=False, steps=4)
+        gen.record_native(*pass_of(gen), vp=False)
         reserved = model.forge_objects.unet.extra_preserved_memory_during_sampling
         gen.remove()
         return gen, reserved
@@ -412,10 +430,11 @@ def test_memory_reserved_for_the_record_on_a_gpu_only():
     assert native_reserve(ON.replace(record_offload=False))[1] == 2 * 4 * step
     assert native_reserve(ON.replace(record_offload=False, record_budget_mb=0))[1] == 0
     gen = new_generation(model, ON.replace(record_offload=False))
-    gen.record_native(model.forge_objects, forge_like.CFGDenoiser(model), x, vp=False, steps=4)
-    gen.guide_hires(model.forge_objects, forge_like.CFGDenoiser(model), torch.zeros(2, 4, *HIRES),
-                    torch.zeros(2, 4, *HIRES), vp=False)
+    gen.record_native(*pass_of(gen), vp=False)
+    gen.guide_hires(*pass_of(gen), torch.zeros(2, 4, *HIRES), torch.zeros(2, 4, *HIRES), vp=False)
     assert model.forge_objects.unet.extra_preserved_memory_during_sampling == step  # one step
+    gen.refresh(pass_of(gen)[0])                 # the hook again, no reset: counted once
+    assert model.forge_objects.unet.extra_preserved_memory_during_sampling == step
     gen.remove()
     gen, reserved = native_reserve(ON.replace(record_offload=False), low_vram=True)
     assert reserved == 0 and gen.params.record_offload

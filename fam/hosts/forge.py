@@ -14,9 +14,10 @@ What Forge gives us (see docs/hosts.md) and how this module fits it:
   * an `attn1_patch` sees the normalised attn1 input of every transformer block (it records,
     or fetches the native context); an `attn1_replace` on each AM layer gets q, k, v already
     projected and returns the attention before `to_out` (it modulates).
-  * FM edits the sampler's own latent in place in an instance wrapper of the CFG denoiser's
-    `forward`, as on A1111.
-Nothing here imports Forge: the script passes Forge's attention function in."""
+  * FM, the CFG denoiser wrapper, the refiner switch and the request checks are the
+    WebUI-common part (`webui.WebUIGeneration`, `webui.begin_pass`), as on A1111.
+Nothing here imports Forge at module level: the WebUI's attention function and memory state
+are looked up per generation, by the generation of Forge the model comes from."""
 
 from __future__ import annotations
 
@@ -33,11 +34,13 @@ from ..layers import AttnLayer, LayerSelectionError, UNetLayout, discover
 from ..params import FamParams
 from ..record import Role
 from ..schedule import VPSchedule, noised_reference
-from .a1111 import same_architecture
-from .a1111_args import FamRequestError
+from .a1111 import same_architecture, with_native_size
+from .webui import LATENT_FACTOR, WebUIGeneration, model_name, native_size_call
+from .webui_args import FamRequestError
 
-__all__ = ["ForgeGeneration", "chunk_roles", "sdpa_attention", "forge_layout", "forge_schedule",
-           "native_kwargs", "native_size_vector", "forge_generation", "webui_attention", "low_vram_mode", "FAM_MARK"]
+__all__ = ["ForgeGeneration", "ForgeHost", "HOST", "chunk_roles", "sdpa_attention", "forge_layout",
+           "forge_schedule", "native_kwargs", "native_size_vector", "native_vector_fn",
+           "forge_generation", "webui_attention", "low_vram_mode", "FAM_MARK"]
 
 FAM_MARK = "_fam_generation"  # attribute naming the generation on each of FAM's patch functions
 _RESERVED = "_fam_reserved_bytes"  # what FAM added to a clone's preserved sampling memory
@@ -70,17 +73,27 @@ def forge_generation(sd_model: Any) -> str | None:
     return "backend" if root == "backend" else "ldm_patched"
 
 
+def _webui_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:   # a fork that moved it: FAM's own equivalents serve
+        return None
+
+
 def webui_attention(generation: str) -> Attention:
-    """The attention function Forge itself uses now (it follows the user's setting)."""
+    """The attention function Forge itself uses now (it follows the user's setting); plain
+    SDPA where the fork keeps it elsewhere."""
     module_name, attr, _ = _WEBUI[generation]
-    module = importlib.import_module(module_name)
+    module = _webui_module(module_name)
+    if module is None or not hasattr(module, attr):
+        return sdpa_attention
     return lambda q, k, v, heads: getattr(module, attr)(q, k, v, heads)
 
 
 def low_vram_mode(generation: str) -> bool:
     """Forge runs in low- or no-VRAM mode, or had to load a model in parts (it swaps modules
     to the CPU when one does not fit): FAM then keeps its record in RAM."""
-    memory = importlib.import_module(_WEBUI[generation][2])
+    memory = _webui_module(_WEBUI[generation][2])
     state = getattr(getattr(memory, "vram_state", None), "name", "")
     swapped = any(getattr(m, "model_accelerated", False)
                   for m in getattr(memory, "current_loaded_models", ()))
@@ -131,6 +144,22 @@ def native_size_vector(embedder: Callable[[torch.Tensor], torch.Tensor], vector:
         start = vector.shape[1] - slot * n
         out[:, start:start + n] = emb.to(out)
     return out
+
+
+def native_vector_fn(sd_model) -> Callable[[torch.Tensor, int, int], torch.Tensor] | None:
+    """How to make SDXL's `y` for a native-size call of this model: Forge's backend engine
+    builds it with its own `embedder`, the ldm_patched forks with sgm's conditioner (as A1111).
+    None for models without size conditioning (SD1.x, SD2.x; the SDXL refiner, whose `y`
+    carries an aesthetic score instead of target sizes, keeps its own)."""
+    if not getattr(sd_model, "is_sdxl", False) or "Refiner" in type(sd_model).__name__:
+        return None
+    embedder = getattr(sd_model, "embedder", None)
+    if callable(embedder):
+        return lambda y, h, w: native_size_vector(embedder, y, h, w)
+    conditioner = getattr(sd_model, "conditioner", None)
+    if conditioner is not None:
+        return lambda y, h, w: with_native_size(conditioner, y, h, w)
+    return None
 
 
 def forge_layout(sd_model: Any, model_name: str = "this model") -> UNetLayout:
@@ -204,72 +233,63 @@ class _NativeCall(NamedTuple):
     args: dict
 
 
-class ForgeGeneration:
-    """FAM for one batch of one Forge generation (one `p.sample` call): owns the `FamRun`, the
-    patched UNet clones and the denoiser wrapper, and takes them all off in `remove()`.
-
-    Per pass: `record_native(forge_objects, cfg, vp)` or `guide_hires(forge_objects, cfg, z0,
-    eps, vp, reference)`, from `process_before_every_sampling` after Forge's reset; a second
-    call for the same sampler (Forge main runs that hook twice in the hires pass) only patches
-    the new UNet."""
+class ForgeGeneration(WebUIGeneration):
+    """FAM for one batch of one Forge generation (one `p.sample` call): the UNet clones with
+    FAM's patches on top of the WebUI-common generation; `remove()` puts every replaced
+    patcher back. A pass is patched when it begins (`_on_pass`) and again when Forge runs
+    the hook a second time for it after resetting its objects (`refresh`)."""
 
     def __init__(self, params: FamParams, layout: UNetLayout, schedule: VPSchedule,
                  model_name: str = "this model", attention: Attention | None = None,
                  low_vram: bool = False):
         if low_vram and not params.record_offload:
             params = params.replace(record_offload=True)
-        self.params, self.layout, self.schedule = params, layout, schedule
-        self.layers = layout.am_layers(params.am_block_indices, model_name=model_name)
-        self.run = FamRun(params, self.layers, schedule)
+        super().__init__(params, layout.am_layers(params.am_block_indices, model_name=model_name),
+                         schedule)
+        self.layout = layout
         self.attention = attention or sdpa_attention
-        self.notes: dict[str, str] = {"FAM record": "kept in RAM (low VRAM)"} if low_vram else {}
-        self.mode = "idle"
+        if low_vram:
+            self.notes["FAM record"] = "kept in RAM (low VRAM)"
         self.in_unet_call = False
-        self.error: BaseException | None = None
         self._by_key = {(l.block, l.index, l.transformer): l for l in self.layers}
         self._pending: tuple[str, Any] | None = None   # attn1 patch -> attn1 replace
         self._part = 0                                  # next AND part in this CFG step
-        self._patches: list[tuple[Any, str, bool, Any]] = []
         self._clones: list[tuple[Any, Any, Any]] = []   # (forge_objects, replaced, clone)
-        self._hires_cfg = None
         self._current: tuple[Callable, dict, tuple[Role, ...]] | None = None
         self._ref = self._ref_eps = None
+        self._native_vector = None
         self._hires_steps = self._hires_unet_calls = 0
         self._late_skips = 0
         self._shape: tuple[int, int, int] | None = None   # (batch, h, w) of the native latent
 
     # ---- passes --------------------------------------------------------------------
-    def record_native(self, forge_objects: Any, cfg: Any, x: torch.Tensor, vp: bool,
-                      steps: int = 0) -> None:
-        """First pass (x: its initial latent, `steps` sampler steps): patch the UNet to record
-        every native UNet batch."""
-        self.mode = "native"
-        self._shape = (x.shape[0], *x.shape[-2:])
-        self.run.begin_native()
-        self._wrap_denoiser(cfg, vp)
-        self.patch_unet(forge_objects, steps=steps)
+    def _on_pass(self, p, sampler, reference) -> None:
+        sd_model = p.sd_model
+        if self.mode == "native":
+            self._shape = (p.batch_size, p.height // LATENT_FACTOR, p.width // LATENT_FACTOR)
+        else:
+            layout = forge_layout(sd_model, model_name(sd_model))
+            if layout.layers[0].module is not self.layout.layers[0].module:
+                self.move_to(layout, model_name(sd_model))
+            if reference is not None:
+                eps = self.noise
+                self._shape = (reference.shape[0], *reference.shape[-2:])
+                self._ref = reference.to(eps.device, eps.dtype)
+                self._ref_eps = F.interpolate(eps.float(), size=tuple(reference.shape[-2:]),
+                                              mode="nearest").to(eps.dtype)
+                self._native_vector = native_vector_fn(sd_model)
+        self.patch_unet(sd_model.forge_objects, steps=getattr(p, "steps", 0))
 
-    def guide_hires(self, forge_objects: Any, cfg: Any, z0: torch.Tensor, eps: torch.Tensor,
-                    vp: bool, reference: torch.Tensor | None = None) -> None:
-        """High-res pass on this sampler. z0: the latent the pass starts from, eps: its noise.
-        With `reference` (clean native latents) no native pass was recorded: the native maps
-        come from re-noising the reference at each σ (img2img, the upscale button)."""
-        if self.mode == "hires" and cfg is self._hires_cfg:
-            self.patch_unet(forge_objects)   # the same pass again, after Forge's reset
-            return
-        if reference is None and self.mode != "native":
-            raise FamRequestError("FAM: the high-res pass has no native pass to follow")
-        self.mode, self._hires_cfg = "hires", cfg
-        native_hw = None
-        if reference is not None:
-            native_hw = tuple(reference.shape[-2:])
-            self._shape = (z0.shape[0], *native_hw)
-            self._ref = reference.to(z0.device, z0.dtype)
-            self._ref_eps = F.interpolate(eps.float(), size=native_hw, mode="nearest").to(eps.dtype)
-        self.run.begin_hires(z0, eps, vp=vp, replay_fn=self._replay, replay_can_stop=True,
-                             reference_native_hw=native_hw)
-        self._wrap_denoiser(cfg, vp)
-        self.patch_unet(forge_objects)
+    def refresh(self, p) -> None:
+        """Forge main runs the hook twice in the high-res pass, with the same sampler and its
+        UNet objects reset in between: only the second call's patcher samples."""
+        if self.mode != "idle":
+            self.patch_unet(p.sd_model.forge_objects)
+
+    def _on_cfg_call(self, x, sigma, args, kwargs) -> None:
+        self._part = 0
+        if self.mode == "hires":
+            self._hires_steps += 1
 
     def move_to(self, layout: UNetLayout, model_name: str) -> None:
         """The hires pass runs another UNet (a hires checkpoint): follow it when it has the
@@ -283,49 +303,36 @@ class ForgeGeneration:
         self.layers = layout.am_layers(self.params.am_block_indices, model_name=model_name)
         self._by_key = {(l.block, l.index, l.transformer): l for l in self.layers}
 
-    def fail(self, cfg: Any, error: BaseException) -> None:
-        """Set-up of a pass failed where the WebUI swallows exceptions (script hooks): keep the
-        error and make this sampler's first step raise it, so nothing runs half-way."""
-        self.error = error
-        if cfg is not None:
-            def raise_error(*args, **kwargs):
-                raise error
-            self._patch(cfg, "forward", raise_error)
-
     def remove(self) -> None:
-        """Everything off: each UNet clone still in place gives way to the patcher it replaced,
-        the denoiser wrapper comes off, the run drops its record; safe to call twice."""
+        """Each UNet clone still in place gives way to the patcher it replaced, then the
+        WebUI-common part comes off; safe to call twice."""
         for forge_objects, replaced, clone in reversed(self._clones):
             if getattr(forge_objects, "unet", None) is clone:
                 forge_objects.unet = replaced
         self._clones.clear()
-        for obj, attr, had_own, value in reversed(self._patches):
-            if had_own:
-                setattr(obj, attr, value)
-            else:
-                obj.__dict__.pop(attr, None)
-        self._patches.clear()
-        self.run.end()
-        self.mode, self._hires_cfg = "idle", None
-        self._current = self._ref = self._ref_eps = self._pending = None
+        super().remove()
+        self._current = self._ref = self._ref_eps = self._pending = self._native_vector = None
 
     def report(self) -> dict[str, str]:
         """Infotext entries: the run's skips and paths, plus what only the host can see."""
-        run, notes = self.run, dict(self.notes)
-        am_on = self.params.am_enabled and self.params.am_lambda > 0
+        out = super().report()
+        run, am_on = self.run, self.params.am_active and not self._switched
         if self._late_skips:
-            notes["FAM note"] = (f"AM fell back to plain attention in {self._late_skips} calls: "
-                                 "another attn1 patch changed the tokens after FAM's")
+            out["FAM note"] = (f"AM fell back to plain attention in {self._late_skips} calls: "
+                               "another attn1 patch changed the tokens after FAM's")
         elif am_on and self._hires_steps and not self._hires_unet_calls:
-            notes["FAM note"] = ("AM did not run: another extension replaced Forge's UNet "
-                                 "function wrapper")
+            out["FAM note"] = ("AM did not run: another extension replaced Forge's UNet "
+                               "function wrapper")
         elif am_on and self._hires_unet_calls and run.am_calls == 0 and not run.am_skipped:
-            notes["FAM note"] = "AM did not run: the UNet never called its attn1 layers"
-        return {**run.report(), **notes}
+            out["FAM note"] = "AM did not run: the UNet never called its attn1 layers"
+        return out
 
     # ---- the UNet clone ------------------------------------------------------------
     def patch_unet(self, forge_objects: Any, steps: int = 0) -> None:
-        """Put a clone of `forge_objects.unet` carrying FAM's functions in its place."""
+        """Put a clone of `forge_objects.unet` carrying FAM's functions in its place. Without
+        AM (off, or λ = 0) the UNet is left alone: FM needs only the denoiser."""
+        if not self.params.am_active:
+            return
         replaced = forge_objects.unet
         unet = replaced.clone()
         _strip(unet.model_options)
@@ -350,7 +357,7 @@ class ForgeGeneration:
         whole record in the native pass when it stays on the GPU (bounded by the budget), one
         step's maps in the high-res pass. Nothing on the CPU."""
         if (getattr(device, "type", "cpu") == "cpu" or self._shape is None
-                or not self.params.am_enabled or self.params.am_lambda == 0):
+                or not self.params.am_active):
             return 0
         if self.mode == "native":
             if self.params.record_offload:
@@ -394,7 +401,7 @@ class ForgeGeneration:
 
     def _unet_wrapper(self, previous):
         def unet_wrapper(apply_model, args):
-            if self.mode not in ("native", "hires"):
+            if self.mode not in ("native", "hires") or self._switched:
                 return _through(previous, apply_model, args)
             return self._unet_call(previous, apply_model, args)
         unet_wrapper.previous = previous
@@ -409,8 +416,9 @@ class ForgeGeneration:
     # ---- per UNet batch -------------------------------------------------------------
     def _unet_call(self, previous, apply_model, args):
         x, t = args["input"], args["timestep"]
-        roles = tuple(chunk_roles(args.get("cond_or_uncond") or (), x.shape[0], self._part))
-        self._part += sum(1 for k in args.get("cond_or_uncond") or () if k == 0)
+        kinds = args.get("cond_or_uncond") or ()
+        roles = tuple(chunk_roles(kinds, x.shape[0], self._part))
+        self._part += sum(1 for k in kinds if k == 0)
         sigma = float(t.flatten()[0])   # Forge's UNet always gets σ (timestep samplers too)
         hw = tuple(x.shape[-2:])
         if self.mode == "native":
@@ -436,7 +444,9 @@ class ForgeGeneration:
         apply_model, args, roles = self._current
         if isinstance(payload, _NativeCall):
             self.run.begin_call(payload.sigma, payload.roles, payload.hw)
-            self._in_unet(functools.partial(_through, payload.previous, apply_model, payload.args))
+            with native_size_call():
+                self._in_unet(functools.partial(_through, payload.previous, apply_model,
+                                                payload.args))
             return
         sigma = float(payload)
         x = args["input"]
@@ -446,27 +456,27 @@ class ForgeGeneration:
         z = noised_reference(self._ref[idx], self._ref_eps[idx], sigma).to(x.dtype)
         self.run.begin_call(sigma, roles, tuple(z.shape[-2:]))
         kwargs = native_kwargs(args["c"], z.shape[-2:])
-        self._in_unet(lambda: apply_model(z, args["timestep"], **kwargs))
+        if self._native_vector is not None and isinstance(kwargs.get("y"), torch.Tensor):
+            h, w = (LATENT_FACTOR * n for n in z.shape[-2:])
+            kwargs["y"] = self._native_vector(kwargs["y"], h, w)
+        with native_size_call():
+            self._in_unet(lambda: apply_model(z, args["timestep"], **kwargs))
 
-    # ---- the denoiser ----------------------------------------------------------------
-    def sigma_of(self, sigma: Any, vp: bool) -> float:
-        """σ of a denoiser call: k-diffusion passes σ, the timestep samplers pass t."""
-        s = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
-        return self.schedule.t_to_sigma(s) if vp else s
 
-    def _wrap_denoiser(self, cfg: Any, vp: bool) -> None:
-        cfg_forward = cfg.forward
+class ForgeHost:
+    """`Host` for the Forge family: one `ForgeGeneration` per batch on the loaded model, with
+    the attention function and memory state of the Forge generation it comes from."""
 
-        def forward(x, sigma, *args, **kwargs):
-            self._part = 0
-            if self.mode == "hires":
-                self._hires_steps += 1
-                self.run.guide_latent(x, self.sigma_of(sigma, vp))
-            return cfg_forward(x, sigma, *args, **kwargs)
+    def generation(self, p, params: FamParams) -> ForgeGeneration:
+        sd_model = p.sd_model
+        generation, name = forge_generation(sd_model), model_name(sd_model)
+        layout = forge_layout(sd_model, name)
+        try:
+            return ForgeGeneration(params, layout, forge_schedule(sd_model.forge_objects.unet.model),
+                                   name, attention=webui_attention(generation),
+                                   low_vram=low_vram_mode(generation))
+        except LayerSelectionError as e:
+            raise FamRequestError(str(e)) from e
 
-        self._patch(cfg, "forward", forward)
 
-    def _patch(self, obj: Any, attr: str, value: Any) -> None:
-        had_own = attr in obj.__dict__
-        self._patches.append((obj, attr, had_own, obj.__dict__.get(attr)))
-        setattr(obj, attr, value)
+HOST = ForgeHost()
