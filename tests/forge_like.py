@@ -3,7 +3,17 @@ reading their public source (never copied): a `UnetPatcher` with the real method
 its deep-copying `clone()`, a k-model whose `apply_model` takes σ, a UNet whose transformer
 blocks apply `attn1_patch` / `attn1_replace` as Forge's do, and the CFG batch assembly
 (one chunk of B rows per AND part and for the uncond, taken from the back, in several UNet
-calls when memory is short)."""
+calls when memory is short).
+
+WebUI level: processing objects for `a1111_like.MiniWebUI` (the same miniature WebUI and the
+real script) that behave as the Forge flavours do around the script hooks:
+  * "main" (Forge main, Neo): the UNet objects are reset before each pass; in the hires pass
+    `process_before_every_sampling` runs twice on the same sampler, the first time still on
+    the first pass's UNet, then after a reset; Hires CFG (`hr_cfg`) is applied inside the
+    denoiser, and 1 drops the uncond rows;
+  * "classic" (Forge Classic): one call per pass, no Hires CFG, and the first step of every
+    pass runs without uncond rows (its `skip_early_cond` test is true at step 0);
+  * "reforge": one call per pass, `extra_options` without `cond_indices` / `uncond_indices`."""
 
 import copy
 from types import SimpleNamespace
@@ -12,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import a1111_like
 import ldm_like
 
 
@@ -152,9 +163,11 @@ class UnetPatcher:
         self.extra_preserved_memory_during_sampling += memory_in_bytes
 
 
-def cond_uncond_batch(unet, parts, uncond, x, sigma, max_chunks=None, calls=None):
+def cond_uncond_batch(unet, parts, uncond, x, sigma, max_chunks=None, calls=None,
+                      flavor="main"):
     """Mean of every AND part's prediction, and the uncond prediction (None without it).
-    Chunks are taken from the back of [part 0, …, part n-1, uncond], `max_chunks` per call."""
+    Chunks are taken from the back of [part 0, …, part n-1, uncond], `max_chunks` per call.
+    The transformer options carry what the flavour's Forge puts there."""
     to_run = [(p, 0) for p in parts] + ([(uncond, 1)] if uncond is not None else [])
     out = {0: [], 1: []}
     while to_run:
@@ -162,6 +175,13 @@ def cond_uncond_batch(unet, parts, uncond, x, sigma, max_chunks=None, calls=None
         batch = [to_run.pop(i) for i in picked]
         kinds = [k for _, k in batch]
         opts = dict(unet.model_options["transformer_options"], cond_or_uncond=kinds[:], sigmas=sigma)
+        rows = [k for k in kinds for _ in range(x.shape[0])]
+        if flavor == "reforge":
+            opts["uuids"] = [0] * len(kinds)
+        else:
+            opts.update(cond_mark=[float(k) for k in rows],
+                        cond_indices=[i for i, k in enumerate(rows) if k == 0],
+                        uncond_indices=[i for i, k in enumerate(rows) if k == 1])
         args = {"input": torch.cat([x] * len(batch)), "timestep": torch.cat([sigma] * len(batch)),
                 "c": {"c_crossattn": torch.cat([c for c, _ in batch]), "transformer_options": opts},
                 "cond_or_uncond": kinds}
@@ -180,14 +200,23 @@ def cond_uncond_batch(unet, parts, uncond, x, sigma, max_chunks=None, calls=None
 
 class CFGDenoiser(nn.Module):
     """`p.sampler.model_wrap_cfg`: reads the UNet from `sd_model.forge_objects` at every call.
-    `timesteps`: the DDIM-style denoiser (t and a VP latent in, ε out; the UNet gets σ)."""
+    `timesteps`: the DDIM-style denoiser (t and a VP latent in, ε out; the UNet gets σ).
+    `hr_cfg`: the scale used instead of the one passed (Forge's Hires CFG, applied inside);
+    flavour "classic" runs its first step with scale 1 (no uncond rows)."""
 
-    def __init__(self, sd_model, max_chunks=None, timesteps=False):
+    def __init__(self, sd_model, max_chunks=None, timesteps=False, flavor="main", hr_cfg=None):
         super().__init__()
         self.sd_model, self.max_chunks, self.timesteps = sd_model, max_chunks, timesteps
+        self.flavor, self.hr_cfg = flavor, hr_cfg
         self.calls = []
+        self.step = 0
 
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None):
+        if self.hr_cfg is not None:
+            cond_scale = self.hr_cfg
+        if self.flavor == "classic" and self.step == 0:
+            cond_scale = 1.0
+        self.step += 1
         if self.timesteps:
             sig = self.sd_model.forge_objects.unet.model.predictor.sigmas
             sigma = sig[sigma.round().long()].to(x.dtype)
@@ -195,15 +224,85 @@ class CFGDenoiser(nn.Module):
         parts = [torch.stack([p[j] for p in cond.batch]) for j in range(len(cond.batch[0]))]
         c, u = cond_uncond_batch(self.sd_model.forge_objects.unet, parts,
                                  None if cond_scale == 1 else uncond, x, sigma,
-                                 self.max_chunks, self.calls)
+                                 self.max_chunks, self.calls, self.flavor)
         den = c if u is None else u + (c - u) * cond_scale
         if self.timesteps:
             return (x - den) / sigma[:, None, None, None]
         return den
 
 
-def sd_model(unet, sigmas, kind="StableDiffusion"):
-    """`p.sd_model` of a Forge WebUI: the patcher at `forge_objects.unet`."""
-    model = type(kind, (SimpleNamespace,), {})()
-    model.forge_objects = SimpleNamespace(unet=UnetPatcher(KModel(unet, sigmas)))
+def sd_model(unet, sigmas, kind="StableDiffusion", title="tiny.safetensors", **flags):
+    """`p.sd_model` of a Forge WebUI: the patcher at `forge_objects.unet`, and the objects
+    Forge resets it from before every pass."""
+    model = type(kind, (SimpleNamespace,), {})(
+        sd_checkpoint_info=SimpleNamespace(title=title), **flags)
+    model.forge_objects_after_applying_lora = SimpleNamespace(
+        unet=UnetPatcher(KModel(unet, sigmas)))
+    model.forge_objects = copy.copy(model.forge_objects_after_applying_lora)
     return model
+
+
+# ---- the WebUI ----------------------------------------------------------------------------
+class Runner(a1111_like.Runner):
+    """The hooks around a pass as the flavour's Forge runs them (see the module docstring)."""
+
+    def process_before_every_sampling(self, p, **kw):
+        if p.flavor == "main" and getattr(p, "is_hr_pass", False):
+            self.hires_hook_calls += 1
+            super().process_before_every_sampling(p, **kw)
+        p.reset_forge_objects()
+        self.hires_hook_calls += getattr(p, "is_hr_pass", False)
+        super().process_before_every_sampling(p, **kw)
+
+    hires_hook_calls = 0
+
+
+class KSampler(a1111_like.KDiffusionSampler):
+    def __init__(self, funcname, model, p):
+        self.func = {"euler": a1111_like.euler}[funcname]
+        self.model_wrap_cfg = CFGDenoiser(model, **p.forge_cfg_kw())
+        self.callbacks = 0
+
+
+class TimestepSampler(a1111_like.CompVisSampler):
+    def __init__(self, funcname, model, p):
+        self.func = {"ddim": a1111_like.ddim, "unipc": a1111_like.unipc}[funcname]
+        self.model_wrap_cfg = CFGDenoiser(model, timesteps=True, **p.forge_cfg_kw())
+        self.callbacks = 0
+
+
+SAMPLERS = {"Euler": (KSampler, "euler"), "DDIM": (TimestepSampler, "ddim"),
+            "UniPC": (TimestepSampler, "unipc")}
+
+
+class _Forge:
+    """What the Forge flavours add to a1111_like's processing objects."""
+
+    def _forge(self, web, args, flavor, hr_cfg, max_chunks):
+        self.scripts = Runner(web, args)
+        self.flavor, self.max_chunks = flavor, max_chunks
+        self.hr_cfg = None if flavor == "classic" else hr_cfg
+
+    def create_sampler(self, name):
+        kind, func = SAMPLERS[name]
+        return kind(func, self.sd_model, self)
+
+    def forge_cfg_kw(self):
+        hires = getattr(self, "is_hr_pass", False)
+        return dict(max_chunks=self.max_chunks, flavor=self.flavor,
+                    hr_cfg=self.hr_cfg if hires else None)
+
+    def reset_forge_objects(self):
+        self.sd_model.forge_objects = copy.copy(self.sd_model.forge_objects_after_applying_lora)
+
+
+class Txt2Img(_Forge, a1111_like.Txt2Img):
+    def __init__(self, web, model, args, flavor="main", hr_cfg=None, max_chunks=None, **kw):
+        super().__init__(web, model, args, **kw)
+        self._forge(web, args, flavor, hr_cfg, max_chunks)
+
+
+class Img2Img(_Forge, a1111_like.Img2Img):
+    def __init__(self, web, model, args, flavor="main", max_chunks=None, **kw):
+        super().__init__(web, model, args, **kw)
+        self._forge(web, args, flavor, None, max_chunks)

@@ -1,6 +1,7 @@
 """A small client for a running WebUI's API (A1111 or a Forge), for the live tests."""
 
 import base64
+import functools
 import io
 import json
 import urllib.error
@@ -24,6 +25,14 @@ class WebUI:
                 return r.status, json.load(r)
         except urllib.error.HTTPError as e:
             return e.code, json.load(e)
+
+    @functools.cached_property
+    def txt2img_fields(self) -> set:
+        """The txt2img request's fields on this WebUI (Forge main has Hires CFG and modules,
+        Forge Classic has neither and refuses them)."""
+        status, schema = self.call("/openapi.json")
+        assert status == 200, schema
+        return set(schema["components"]["schemas"]["StableDiffusionProcessingTxt2Img"]["properties"])
 
     def generate(self, path="/sdapi/v1/txt2img", **body):
         status, r = self.call(path, body)
