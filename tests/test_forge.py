@@ -359,6 +359,19 @@ def test_an_attn1_patch_after_fams_that_merges_tokens_is_noted():
     assert r.info["FAM note"].startswith(f"AM fell back to plain attention in {4 * 3} calls")
 
 
+def test_an_attn1_replacement_set_after_fams_is_noted():
+    """StyleAlign / Reference put their own attention on every attn1 key after FAM's."""
+    def replace_all(unet):
+        def theirs(q, k, v, extra):
+            return sdpa_attention(q, k, v, extra["n_heads"])
+        unet.set_model_attn1_replace(theirs, "output", 3, 0)
+
+    model = forge_model(sd1_like)
+    r = forge_generate(model, after_fam=replace_all)
+    assert r.info["FAM note"] == (f"AM did not run in 4 of {4 * 3} calls: another extension "
+                                  "replaced the attention of the AM layers after FAM")
+
+
 def test_a_unet_wrapper_replaced_after_fams_is_noted():
     def wrapper(apply_model, args):
         return apply_model(args["input"], args["timestep"], **args["c"])

@@ -260,6 +260,7 @@ class ForgeGeneration(WebUIGeneration):
         self._native_vector = None
         self._hires_steps = self._hires_unet_calls = 0
         self._late_skips = 0
+        self._fetched = self._applied = 0   # AM contexts the attn1 patch got / the replace used
         self._shape: tuple[int, int, int] | None = None   # (batch, h, w) of the native latent
 
     # ---- passes --------------------------------------------------------------------
@@ -317,9 +318,13 @@ class ForgeGeneration(WebUIGeneration):
         """Infotext entries: the run's skips and paths, plus what only the host can see."""
         out = super().report()
         run, am_on = self.run, self.params.am_active and not self._switched
+        lost = self._fetched - self._applied - self._late_skips
         if self._late_skips:
             out["FAM note"] = (f"AM fell back to plain attention in {self._late_skips} calls: "
                                "another attn1 patch changed the tokens after FAM's")
+        elif lost:
+            out["FAM note"] = (f"AM did not run in {lost} of {self._fetched} calls: another "
+                               "extension replaced the attention of the AM layers after FAM")
         elif am_on and self._hires_steps and not self._hires_unet_calls:
             out["FAM note"] = ("AM did not run: another extension replaced Forge's UNet "
                                "function wrapper")
@@ -382,7 +387,9 @@ class ForgeGeneration(WebUIGeneration):
         def attn1_patch(n, context, value, extra_options):
             layer = self._layer_of(extra_options)
             if layer is not None and self.in_unet_call:
-                self._pending = (layer.name, self.run.on_attn1(layer.name, n))
+                ctx = self.run.on_attn1(layer.name, n)
+                self._pending = (layer.name, ctx)
+                self._fetched += ctx is not None
             return n, context, value
         return _mark(attn1_patch, self)
 
@@ -394,6 +401,7 @@ class ForgeGeneration(WebUIGeneration):
             if ctx is not None:
                 tokens = ctx.hires_hw[0] * ctx.hires_hw[1]
                 if q.shape[:2] == k.shape[:2] == v.shape[:2] == (ctx.native_hidden.shape[0], tokens):
+                    self._applied += 1
                     return am_projected_attention(q, k, v, heads, layer.module, ctx)
                 self._late_skips += 1
             return self.attention(q, k, v, heads)
