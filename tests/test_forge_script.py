@@ -6,10 +6,8 @@ the same weights is the reference."""
 import copy
 import types
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import forge_like
 from a1111_like import MiniWebUI, sd_model as a1111_model
@@ -17,20 +15,11 @@ from fam.hosts.forge import FAM_MARK
 from fam.hosts.webui_args import FamRequestError
 from fam.params import FamParams
 from ldm_like import LdmUNet, sd1_like, sdxl_like
+from test_a1111_script import fresh_log, image, web  # noqa: F401 - the same miniature WebUI
 from test_forge import SIGMA_TABLE
 
 FAM = [{"enabled": True}]
 FLAVORS = ["main", "classic", "reforge"]
-
-
-@pytest.fixture(scope="module")
-def web():
-    return MiniWebUI()
-
-
-@pytest.fixture(autouse=True)
-def fresh_log(web):
-    web.logged.clear()
 
 
 def forge_model(make=sd1_like, title="tiny.safetensors", **flags):
@@ -144,11 +133,6 @@ def test_timestep_samplers(web, sampler):
 
 
 # ---- img2img and the upscale button -----------------------------------------------------------
-def image(seed=0, size=(64, 64)):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
 @pytest.mark.parametrize("flavor", ["main", "classic"])
 def test_img2img_upscaling_on_the_reference_path(web, flavor):
     torch.manual_seed(0)
