@@ -5,8 +5,9 @@ txt2img: the first pass is FAM's native pass (recorded), the Hires. fix pass is 
 img2img (and the ✨ upscale button): the input image at native size is the reference and the
 pass at the target size is FAM-guided. This file holds the UI, the WebUI hooks and what needs
 `modules`; the rest is in `fam.hosts.webui` (shared by every WebUI) and the host module that
-hooks the UNet (`fam.hosts.a1111`, or `fam.hosts.forge` when the model has Forge's objects). Everything FAM changes is put on for one batch by the
-`p.sample` wrapper and taken off in its `finally`, whatever happens in between."""
+hooks the UNet (`fam.hosts.a1111`, or `fam.hosts.forge` when the model has Forge's objects).
+Everything FAM changes is put on for one batch by the `p.sample` wrapper and taken off in its
+`finally`, whatever happens in between."""
 
 import os
 import sys

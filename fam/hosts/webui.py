@@ -405,8 +405,9 @@ class SampleWrapper:
 def begin_pass(p, gen: WebUIGeneration, webui: WebUI, x: torch.Tensor, noise: torch.Tensor
                ) -> None:
     """`process_before_every_sampling`: set FAM up on this pass's sampler, once per sampler
-    (a WebUI may run the hook twice for one pass: the host's `refresh` then). The WebUI logs and swallows exceptions
-    raised here, so an error is handed to the generation, which makes the sampler raise it."""
+    (a WebUI may run the hook twice for one pass: the host's `refresh` then). The WebUI logs
+    and swallows exceptions raised here, so an error is handed to the generation, which makes
+    the sampler raise it."""
     try:
         if gen.sampler is not None and gen.sampler is p.sampler:
             gen.refresh(p)
