@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AmContext", "am_self_attention", "modulated_attention", "pool_keys", "upsample_queries", "split_heads", "merge_heads"]
+__all__ = ["AmContext", "am_self_attention", "am_projected_attention", "modulated_attention", "pool_keys", "upsample_queries", "split_heads", "merge_heads"]
 
 
 def _factors(hires_hw, native_hw):
@@ -108,13 +108,21 @@ def am_self_attention(attn: torch.nn.Module, hidden: torch.Tensor, ctx: AmContex
     """A self-attention layer's forward with AM, for modules exposing `heads`, `to_q`, `to_k`,
     `to_v` and `to_out` (ldm/sgm CrossAttention, diffusers Attention). Q_n, K_n come from the
     layer's own projections, so LoRA patches on them stay active."""
-    heads = attn.heads
-    q, k, v = (split_heads(proj(hidden), heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
-    native = ctx.native_hidden
-    q_n, k_n = (split_heads(proj(native), heads) for proj in (attn.to_q, attn.to_k))
-    out = modulated_attention(q, k, v, q_n, k_n, ctx.lam, ctx.hires_hw, ctx.native_hw,
-                              scale=getattr(attn, "scale", None))
-    out = merge_heads(out.to(q.dtype))
+    q, k, v = (proj(hidden) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    out = am_projected_attention(q, k, v, attn.heads, attn, ctx)
     for layer in attn.to_out:
         out = layer(out)
     return out
+
+
+def am_projected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                           attn: torch.nn.Module, ctx: AmContext) -> torch.Tensor:
+    """AM for hosts that hand over q, k, v already projected, (rows, N, heads·d) each (Forge's
+    attn1 replace): returns the attention output of that shape, before `to_out`. Q_n, K_n
+    come from `attn.to_q` / `attn.to_k` on the native input."""
+    native = ctx.native_hidden
+    q_n, k_n = (split_heads(proj(native), heads) for proj in (attn.to_q, attn.to_k))
+    out = modulated_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads),
+                              q_n, k_n, ctx.lam, ctx.hires_hw, ctx.native_hw,
+                              scale=getattr(attn, "scale", None))
+    return merge_heads(out.to(q.dtype))

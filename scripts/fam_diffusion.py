@@ -1,11 +1,13 @@
-"""FAM Diffusion for AUTOMATIC1111 stable-diffusion-webui 1.10: the always-visible script.
+"""FAM Diffusion for AUTOMATIC1111 stable-diffusion-webui 1.10 and the Forge family (Forge main,
+Neo, Classic, reForge): the always-visible script, one file for all of them.
 
 txt2img: the first pass is FAM's native pass (recorded), the Hires. fix pass is the FAM pass.
 img2img (and the ✨ upscale button): the input image at native size is the reference and the
 pass at the target size is FAM-guided. This file holds the UI, the WebUI hooks and what needs
 `modules`; the rest is in `fam.hosts.webui` (shared by every WebUI) and the host module that
-hooks the UNet (`fam.hosts.a1111`). Everything FAM changes is put on for one batch by the
-`p.sample` wrapper and taken off in its `finally`, whatever happens in between."""
+hooks the UNet (`fam.hosts.a1111`, or `fam.hosts.forge` when the model has Forge's objects).
+Everything FAM changes is put on for one batch by the `p.sample` wrapper and taken off in its
+`finally`, whatever happens in between."""
 
 import os
 import sys
@@ -23,7 +25,7 @@ from modules import sd_samplers_timesteps, shared  # noqa: E402
 from modules.infotext_utils import PasteField  # noqa: E402
 from modules.ui_components import InputAccordion  # noqa: E402
 
-from fam.hosts import a1111  # noqa: E402
+from fam.hosts import a1111, forge  # noqa: E402
 from fam.hosts.webui import GEN_ATTR, SampleWrapper, begin_pass, check_request  # noqa: E402
 from fam.hosts.webui_args import (FamRequestError, apply_xyz_overrides, decode_args,  # noqa: E402
                                   fields, infotext_value, with_xyz_override)
@@ -114,7 +116,10 @@ def _paste(name):
 
 # ---- what only the WebUI can do ---------------------------------------------------------
 def _host(p):
-    """The host that puts FAM on this generation's UNet."""
+    """The host that puts FAM on this generation's UNet: Forge's patcher when the model has
+    Forge's objects (every Forge, whatever its generation), else A1111's modules."""
+    if hasattr(p.sd_model, "forge_objects"):
+        return forge.HOST
     return a1111.HOST
 
 
@@ -152,6 +157,12 @@ def _xyz_apply(name):
     return lambda p, value, xs: with_xyz_override(p, name, value)
 
 
+def _boolean_choices(xyz):
+    """The XYZ script's True/False choices; Forge Classic moved `boolean_choice` out of it."""
+    choice = getattr(xyz, "boolean_choice", None)
+    return choice(reverse=True) if choice is not None else (lambda: ["False", "True"])
+
+
 def add_xyz_axes():
     """One "[FAM] …" axis per setting (numbers as ranges, switches as True/False)."""
     xyz = next((d.module for d in scripts.scripts_data
@@ -164,7 +175,7 @@ def add_xyz_axes():
         if label in have:
             continue
         if f.type in ("bool", bool):
-            opt = xyz.AxisOption(label, str, _xyz_apply(f.name), choices=xyz.boolean_choice(reverse=True))
+            opt = xyz.AxisOption(label, str, _xyz_apply(f.name), choices=_boolean_choices(xyz))
         else:
             kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
             opt = xyz.AxisOption(label, kind, _xyz_apply(f.name))

@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import am_self_attention
-from ..guidance import ReplayUnavailable
 from ..layers import AttnLayer, LayerSelectionError, UNetLayout, discover
 from ..params import FamParams
 from ..record import Role
 from ..schedule import VPSchedule, noised_reference
-from .webui import LATENT_FACTOR, WebUIGeneration, model_name
+from .webui import LATENT_FACTOR, WebUIGeneration, model_name, native_size_call
 from .webui_args import FamRequestError
 
 __all__ = ["cfg_roles", "cond_repeats", "RowCursor", "Attn1Hook", "FamGeneration", "HOST",
@@ -335,18 +334,8 @@ class FamGeneration(WebUIGeneration):
         self._replay_unet(forward, z, sigma_in, native_cond(kwargs, z.shape[-2:], self._conditioner))
 
     def _replay_unet(self, forward, z, sigma_in, kwargs) -> None:
-        """A native-size UNet call. Hooks of other extensions that hold high-res inputs
-        (ControlNet's hints) cannot take it: their shape error ends the replays of this pass
-        and AM is skipped with that reason, instead of failing the generation."""
-        try:
+        with native_size_call():
             self._unet(forward, z, sigma_in, **kwargs)
-        except RuntimeError as e:
-            if isinstance(e, torch.cuda.OutOfMemoryError):
-                raise
-            first = (str(e).strip().splitlines() or [""])[0][:120]
-            raise ReplayUnavailable(
-                f"native-size UNet call failed ({type(e).__name__}: {first}); another "
-                "extension's UNet hook may need the high-res size") from e
 
 
 class A1111Host:

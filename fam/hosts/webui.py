@@ -10,6 +10,7 @@ described in the project's host notes (`WebUIGeneration` below is its base class
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any, Protocol, Sequence
@@ -17,14 +18,15 @@ from typing import Any, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..guidance import FamRun
+from ..guidance import FamRun, ReplayUnavailable
 from ..layers import AttnLayer
 from ..params import FamParams
 from ..schedule import VPSchedule
 from .webui_args import FamRequestError
 
 __all__ = ["GEN_ATTR", "WebUI", "Host", "WebUIGeneration", "SampleWrapper", "begin_pass",
-           "check_request", "native_side", "reference_size", "upscaled_reference", "model_name"]
+           "check_request", "native_side", "reference_size", "upscaled_reference", "model_name",
+           "native_size_call"]
 
 GEN_ATTR = "_fam_generation"   # the running batch's generation, on p, for the script hooks
 LATENT_FACTOR = 8              # pixels per latent cell (SD1/SD2/SDXL VAEs)
@@ -62,9 +64,19 @@ def model_name(sd_model) -> str:
 def native_side(sd_model) -> int:
     if getattr(sd_model, "is_sdxl", False):
         return 1024
-    if getattr(sd_model, "is_sd2", False) and getattr(sd_model, "parameterization", "") == "v":
+    if getattr(sd_model, "is_sd2", False) and _v_prediction(sd_model):
         return 768
     return 512
+
+
+def _v_prediction(sd_model) -> bool:
+    """ldm/sgm models name it `parameterization`; Forge's backend engines keep it on the
+    UNet's predictor."""
+    if getattr(sd_model, "parameterization", "") == "v":
+        return True
+    unet = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
+    predictor = getattr(getattr(unet, "model", None), "predictor", None)
+    return getattr(predictor, "prediction_type", "") == "v_prediction"
 
 
 def check_request(p, txt2img: bool) -> None:
@@ -124,6 +136,22 @@ def _rows(latents: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _sampler_kind(sampler) -> str:
     func = getattr(sampler, "func", None)
     return getattr(func, "__name__", func if isinstance(func, str) else "")
+
+
+@contextlib.contextmanager
+def native_size_call():
+    """Around a native-size UNet call of a replay. Hooks of other extensions that hold
+    high-res inputs (ControlNet's hints) cannot take it: their shape error ends the replays of
+    this pass and AM is skipped with that reason, instead of failing the generation."""
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise ReplayUnavailable(
+            f"native-size UNet call failed ({type(e).__name__}: {first}); another "
+            "extension's UNet hook may need the high-res size") from e
 
 
 # ---- one batch ----------------------------------------------------------------------------
@@ -221,6 +249,10 @@ class WebUIGeneration:
 
     def _on_cfg_call(self, x: torch.Tensor, sigma: float, args, kwargs) -> None:
         """Host hook before every CFG step of either pass."""
+
+    def refresh(self, p) -> None:
+        """Host hook: the WebUI ran `process_before_every_sampling` again for the pass already
+        set up (Forge main does, after resetting its UNet objects)."""
 
     def _replay(self, payload) -> None:
         """FamRun's replay function (recompute and reference paths); hosts that record
@@ -373,12 +405,14 @@ class SampleWrapper:
 def begin_pass(p, gen: WebUIGeneration, webui: WebUI, x: torch.Tensor, noise: torch.Tensor
                ) -> None:
     """`process_before_every_sampling`: set FAM up on this pass's sampler, once per sampler
-    (a WebUI may run the hook twice for one pass). The WebUI logs and swallows exceptions
-    raised here, so an error is handed to the generation, which makes the sampler raise it."""
-    if gen.sampler is not None and gen.sampler is p.sampler:
-        return
+    (a WebUI may run the hook twice for one pass: the host's `refresh` then). The WebUI logs
+    and swallows exceptions raised here, so an error is handed to the generation, which makes
+    the sampler raise it."""
     try:
-        _begin_pass(p, gen, webui, x, noise)
+        if gen.sampler is not None and gen.sampler is p.sampler:
+            gen.refresh(p)
+        else:
+            _begin_pass(p, gen, webui, x, noise)
     except Exception as e:
         gen.fail(p.sampler, e)
 

@@ -7,31 +7,19 @@ nothing of this project. The loaded model's family is read from its checkpoint n
 means SDXL) unless FAM_A1111_ARCH=sd1|sdxl says it; with FAM_A1111_LOG (the server's log
 file) the quiet-422 test reads what the server printed."""
 
-import base64
-import io
 import json
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
+
+from client import TITLE, WebUI, fam, infotext, pixels, same_pixels, settings
 
 URL = os.environ.get("FAM_A1111_URL", "").rstrip("/")
 LOG = os.environ.get("FAM_A1111_LOG", "")
 pytestmark = pytest.mark.skipif(not URL, reason="FAM_A1111_URL is not set")
-TITLE = "FAM Diffusion"
-
-
-def call(path, body=None):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(URL + path, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=600) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
+call, generate = WebUI(URL).call, WebUI(URL).generate
 
 
 def _arch():
@@ -50,34 +38,6 @@ BASE = {"prompt": "a lighthouse on a cliff", "negative_prompt": "blurry", "steps
         "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 4,
         "denoising_strength": 0.7}
 UPSCALE = NATIVE + 128                            # an img2img target above the native size
-
-
-def fam(**settings):
-    return {"alwayson_scripts": {TITLE: {"args": [{"enabled": True, **settings}]}}}
-
-
-def generate(path="/sdapi/v1/txt2img", **body):
-    status, r = call(path, body)
-    assert status == 200, r
-    return r
-
-
-def pixels(r):
-    Image = pytest.importorskip("PIL.Image")
-    return [Image.open(io.BytesIO(base64.b64decode(i))) for i in r["images"]]
-
-
-def same_pixels(a, b):
-    return [im.tobytes() for im in pixels(a)] == [im.tobytes() for im in pixels(b)]
-
-
-def infotext(r, i=0):
-    return json.loads(r["info"])["infotexts"][i]
-
-
-def settings(text):
-    last = text.rsplit("\n", 1)[-1]
-    return dict(kv.split(": ", 1) for kv in last.split(", ") if kv.startswith("FAM"))
 
 
 def test_script_info_lists_every_setting_with_its_range():

@@ -1,0 +1,308 @@
+"""Stand-ins for what the Forge host meets in the Forge WebUIs, written for these tests from
+reading their public source (never copied): a `UnetPatcher` with the real method names and
+its deep-copying `clone()`, a k-model whose `apply_model` takes σ, a UNet whose transformer
+blocks apply `attn1_patch` / `attn1_replace` as Forge's do, and the CFG batch assembly
+(one chunk of B rows per AND part and for the uncond, taken from the back, in several UNet
+calls when memory is short).
+
+WebUI level: processing objects for `a1111_like.MiniWebUI` (the same miniature WebUI and the
+real script) that behave as the Forge flavours do around the script hooks:
+  * "main" (Forge main, Neo): the UNet objects are reset before each pass; in the hires pass
+    `process_before_every_sampling` runs twice on the same sampler, the first time still on
+    the first pass's UNet, then after a reset; Hires CFG (`hr_cfg`) is applied inside the
+    denoiser, and 1 drops the uncond rows;
+  * "classic" (Forge Classic): one call per pass, no Hires CFG, and the first step of every
+    pass runs without uncond rows (its `skip_early_cond` test is true at step 0);
+  * "reforge": one call per pass, `extra_options` without `cond_indices` / `uncond_indices`."""
+
+import copy
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import a1111_like
+import ldm_like
+
+
+def _attention(q, k, v, heads):
+    def split(t):
+        return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    return out.transpose(1, 2).flatten(2)
+
+
+class Block(ldm_like.BasicTransformerBlock):
+    """attn1 as Forge runs it: patches see the normalised input, a replacement registered for
+    (block name, block number, transformer index) gets q, k, v projected."""
+
+    def forward(self, x, context, transformer_options=None):
+        opts = transformer_options or {}
+        attn = self.attn1
+        extra = {k: v for k, v in opts.items() if k not in ("patches", "patches_replace")}
+        extra.update(n_heads=attn.heads, dim_head=attn.to_q.out_features // attn.heads)
+        n = self.norm1(x)
+        keys = values = n
+        for patch in opts.get("patches", {}).get("attn1_patch", ()):
+            n, keys, values = patch(n, keys, values, extra)
+        block = opts.get("block")
+        key = (block[0], block[1], opts.get("block_index", 0)) if block else None
+        replace = opts.get("patches_replace", {}).get("attn1", {}).get(key)
+        q, k, v = attn.to_q(n), attn.to_k(keys), attn.to_v(values)
+        out = replace(q, k, v, extra) if replace is not None else _attention(q, k, v, attn.heads)
+        x = attn.to_out(out) + x
+        return self.attn2(self.norm2(x), context=context) + x
+
+
+class Spatial(ldm_like.SpatialTransformer):
+    def forward(self, x, context, transformer_options=None):
+        opts = {} if transformer_options is None else transformer_options
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        for i, blk in enumerate(self.transformer_blocks):
+            opts["block_index"] = i
+            t = blk(t, context, opts)
+        return t.transpose(1, 2).reshape(b, c, h, w) + x
+
+
+class Seq(ldm_like.Seq):
+    def forward(self, x, context, size=None, transformer_options=None):
+        for m in self:
+            if isinstance(m, ldm_like.Upsample):
+                x = m(x, context, size)
+            elif isinstance(m, Spatial):
+                x = m(x, context, transformer_options)
+            else:
+                x = m(x, context)
+        return x
+
+
+class UNet(ldm_like.LdmUNet):
+    """Sets `block` (("input", i), ("middle", 0), ("output", i)) in the transformer options
+    before each block, as Forge's UNet does."""
+
+    def forward(self, x, context, transformer_options=None):
+        opts = {} if transformer_options is None else transformer_options
+        opts["original_shape"] = list(x.shape)
+        hs = []
+        for i, blk in enumerate(self.input_blocks):
+            opts["block"] = ("input", i)
+            x = blk(x, context, transformer_options=opts)
+            hs.append(x)
+        opts["block"] = ("middle", 0)
+        x = self.middle_block(x, context, transformer_options=opts)
+        for i, blk in enumerate(self.output_blocks):
+            opts["block"] = ("output", i)
+            x = torch.cat([x, hs.pop()], 1)
+            x = blk(x, context, hs[-1].shape[-2:] if hs else None, transformer_options=opts)
+        return self.out(x)
+
+
+_SWAP = {ldm_like.LdmUNet: UNet, ldm_like.Seq: Seq, ldm_like.SpatialTransformer: Spatial,
+         ldm_like.BasicTransformerBlock: Block}
+
+
+def forge_unet(unet: ldm_like.LdmUNet) -> UNet:
+    """The same modules and weights, with Forge's way of calling attn1."""
+    for m in unet.modules():
+        m.__class__ = _SWAP.get(type(m), type(m))
+    return unet
+
+
+class KModel(nn.Module):
+    """k-diffusion form: σ in, x0 out; `predictor.sigmas` is the model's σ table."""
+
+    def __init__(self, unet, sigmas):
+        super().__init__()
+        self.diffusion_model = unet
+        self.predictor = SimpleNamespace(sigmas=sigmas)
+
+    def apply_model(self, x, t, c_crossattn=None, c_concat=None, control=None,
+                    transformer_options=None, **kwargs):
+        sigma = t[:, None, None, None]
+        eps = self.diffusion_model(x * (sigma ** 2 + 1) ** -0.5, c_crossattn, transformer_options)
+        return x - sigma * eps
+
+
+class UnetPatcher:
+    def __init__(self, model, load_device="cpu"):
+        self.model = model
+        self.load_device = torch.device(load_device)
+        self.model_options = {"transformer_options": {}}
+        self.extra_preserved_memory_during_sampling = 0
+
+    def clone(self):
+        n = UnetPatcher(self.model, self.load_device)
+        n.model_options = copy.deepcopy(self.model_options)
+        n.extra_preserved_memory_during_sampling = self.extra_preserved_memory_during_sampling
+        return n
+
+    def set_model_patch(self, patch, name):
+        patches = self.model_options["transformer_options"].setdefault("patches", {})
+        patches[name] = patches.get(name, []) + [patch]
+
+    def set_model_patch_replace(self, patch, name, block_name, number, transformer_index=None):
+        to = dict(self.model_options["transformer_options"])
+        table = {k: dict(v) for k, v in to.get("patches_replace", {}).items()}
+        key = (block_name, number) if transformer_index is None else (block_name, number, transformer_index)
+        table.setdefault(name, {})[key] = patch
+        to["patches_replace"] = table
+        self.model_options["transformer_options"] = to
+
+    def set_model_attn1_patch(self, patch):
+        self.set_model_patch(patch, "attn1_patch")
+
+    def set_model_attn1_replace(self, patch, block_name, number, transformer_index=None):
+        self.set_model_patch_replace(patch, "attn1", block_name, number, transformer_index)
+
+    def set_model_unet_function_wrapper(self, wrapper):
+        self.model_options["model_function_wrapper"] = wrapper
+
+    def add_extra_preserved_memory_during_sampling(self, memory_in_bytes):
+        self.extra_preserved_memory_during_sampling += memory_in_bytes
+
+
+def cond_uncond_batch(unet, parts, uncond, x, sigma, max_chunks=None, calls=None,
+                      flavor="main"):
+    """Mean of every AND part's prediction, and the uncond prediction (None without it).
+    Chunks are taken from the back of [part 0, …, part n-1, uncond], `max_chunks` per call.
+    The transformer options carry what the flavour's Forge puts there."""
+    to_run = [(p, 0) for p in parts] + ([(uncond, 1)] if uncond is not None else [])
+    out = {0: [], 1: []}
+    while to_run:
+        picked = list(reversed(range(len(to_run))))[:max_chunks or len(to_run)]
+        batch = [to_run.pop(i) for i in picked]
+        kinds = [k for _, k in batch]
+        opts = dict(unet.model_options["transformer_options"], cond_or_uncond=kinds[:], sigmas=sigma)
+        rows = [k for k in kinds for _ in range(x.shape[0])]
+        if flavor == "reforge":
+            opts["uuids"] = [0] * len(kinds)
+        else:
+            opts.update(cond_mark=[float(k) for k in rows],
+                        cond_indices=[i for i, k in enumerate(rows) if k == 0],
+                        uncond_indices=[i for i, k in enumerate(rows) if k == 1])
+        args = {"input": torch.cat([x] * len(batch)), "timestep": torch.cat([sigma] * len(batch)),
+                "c": {"c_crossattn": torch.cat([c for c, _ in batch]), "transformer_options": opts},
+                "cond_or_uncond": kinds}
+        wrapper = unet.model_options.get("model_function_wrapper")
+        if wrapper is not None:
+            res = wrapper(unet.model.apply_model, args)
+        else:
+            res = unet.model.apply_model(args["input"], args["timestep"], **args["c"])
+        if calls is not None:
+            calls.append(kinds)
+        for chunk, kind in zip(res.chunk(len(batch)), kinds):
+            out[kind].append(chunk)
+    cond = torch.stack(out[0]).mean(0)
+    return cond, (torch.stack(out[1]).mean(0) if out[1] else None)
+
+
+class CFGDenoiser(nn.Module):
+    """`p.sampler.model_wrap_cfg`: reads the UNet from `sd_model.forge_objects` at every call.
+    `timesteps`: the DDIM-style denoiser (t and a VP latent in, ε out; the UNet gets σ).
+    `hr_cfg`: the scale used instead of the one passed (Forge's Hires CFG, applied inside);
+    flavour "classic" runs its first step with scale 1 (no uncond rows)."""
+
+    def __init__(self, sd_model, max_chunks=None, timesteps=False, flavor="main", hr_cfg=None):
+        super().__init__()
+        self.sd_model, self.max_chunks, self.timesteps = sd_model, max_chunks, timesteps
+        self.flavor, self.hr_cfg = flavor, hr_cfg
+        self.calls = []
+        self.step = 0
+
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None):
+        if self.hr_cfg is not None:
+            cond_scale = self.hr_cfg
+        if self.flavor == "classic" and self.step == 0:
+            cond_scale = 1.0
+        self.step += 1
+        if self.timesteps:
+            sig = self.sd_model.forge_objects.unet.model.predictor.sigmas
+            sigma = sig[sigma.round().long()].to(x.dtype)
+            x = x * (sigma ** 2 + 1).sqrt()[:, None, None, None]
+        parts = [torch.stack([p[j] for p in cond.batch]) for j in range(len(cond.batch[0]))]
+        c, u = cond_uncond_batch(self.sd_model.forge_objects.unet, parts,
+                                 None if cond_scale == 1 else uncond, x, sigma,
+                                 self.max_chunks, self.calls, self.flavor)
+        den = c if u is None else u + (c - u) * cond_scale
+        if self.timesteps:
+            return (x - den) / sigma[:, None, None, None]
+        return den
+
+
+def sd_model(unet, sigmas, kind="StableDiffusion", title="tiny.safetensors", **flags):
+    """`p.sd_model` of a Forge WebUI: the patcher at `forge_objects.unet`, and the objects
+    Forge resets it from before every pass."""
+    model = type(kind, (SimpleNamespace,), {})(
+        sd_checkpoint_info=SimpleNamespace(title=title), **flags)
+    model.forge_objects_after_applying_lora = SimpleNamespace(
+        unet=UnetPatcher(KModel(unet, sigmas)))
+    model.forge_objects = copy.copy(model.forge_objects_after_applying_lora)
+    return model
+
+
+# ---- the WebUI ----------------------------------------------------------------------------
+class Runner(a1111_like.Runner):
+    """The hooks around a pass as the flavour's Forge runs them (see the module docstring)."""
+
+    def process_before_every_sampling(self, p, **kw):
+        if p.flavor == "main" and getattr(p, "is_hr_pass", False):
+            self.hires_hook_calls += 1
+            super().process_before_every_sampling(p, **kw)
+        p.reset_forge_objects()
+        self.hires_hook_calls += getattr(p, "is_hr_pass", False)
+        super().process_before_every_sampling(p, **kw)
+
+    hires_hook_calls = 0
+
+
+class KSampler(a1111_like.KDiffusionSampler):
+    def __init__(self, funcname, model, p):
+        self.func = {"euler": a1111_like.euler}[funcname]
+        self.model_wrap_cfg = CFGDenoiser(model, **p.forge_cfg_kw())
+        self.callbacks = 0
+
+
+class TimestepSampler(a1111_like.CompVisSampler):
+    def __init__(self, funcname, model, p):
+        self.func = {"ddim": a1111_like.ddim, "unipc": a1111_like.unipc}[funcname]
+        self.model_wrap_cfg = CFGDenoiser(model, timesteps=True, **p.forge_cfg_kw())
+        self.callbacks = 0
+
+
+SAMPLERS = {"Euler": (KSampler, "euler"), "DDIM": (TimestepSampler, "ddim"),
+            "UniPC": (TimestepSampler, "unipc")}
+
+
+class _Forge:
+    """What the Forge flavours add to a1111_like's processing objects."""
+
+    def _forge(self, web, args, flavor, hr_cfg, max_chunks):
+        self.scripts = Runner(web, args)
+        self.flavor, self.max_chunks = flavor, max_chunks
+        self.hr_cfg = None if flavor == "classic" else hr_cfg
+
+    def create_sampler(self, name):
+        kind, func = SAMPLERS[name]
+        return kind(func, self.sd_model, self)
+
+    def forge_cfg_kw(self):
+        hires = getattr(self, "is_hr_pass", False)
+        return dict(max_chunks=self.max_chunks, flavor=self.flavor,
+                    hr_cfg=self.hr_cfg if hires else None)
+
+    def reset_forge_objects(self):
+        self.sd_model.forge_objects = copy.copy(self.sd_model.forge_objects_after_applying_lora)
+
+
+class Txt2Img(_Forge, a1111_like.Txt2Img):
+    def __init__(self, web, model, args, flavor="main", hr_cfg=None, max_chunks=None, **kw):
+        super().__init__(web, model, args, **kw)
+        self._forge(web, args, flavor, hr_cfg, max_chunks)
+
+
+class Img2Img(_Forge, a1111_like.Img2Img):
+    def __init__(self, web, model, args, flavor="main", max_chunks=None, **kw):
+        super().__init__(web, model, args, **kw)
+        self._forge(web, args, flavor, None, max_chunks)
