@@ -1,7 +1,7 @@
 """Attention Modulation (FAM Eq. 7) without ever forming an attention map.
 
 M̄·V = λ·U(M_native)·V + (1 − λ)·M_hires·V, and with U = nearest upsampling on the query
-grid and average pooling on the key grid (spec §3):
+grid and average pooling on the key grid (docs/method.md §3):
 
     U(M_native)·V = NearestUp_query( softmax(Q_n K_nᵀ·scale) · AvgPool_key(V) )
 
@@ -30,7 +30,7 @@ def pool_keys(v: torch.Tensor, hires_hw, native_hw) -> torch.Tensor:
     B, nh, N, d = v.shape
     (H, W), (h, w) = hires_hw, native_hw
     f = _factors(hires_hw, native_hw)
-    if f is not None:  # reshape-mean: 5-8x faster than adaptive_avg_pool2d (spec §6)
+    if f is not None:  # reshape-mean: 5-8x faster than adaptive_avg_pool2d (measured, docs/method.md §3)
         sh, sw = f
         return v.reshape(B, nh, h, sh, w, sw, d).mean(dim=(3, 5)).reshape(B, nh, h * w, d)
     grid = v.reshape(B * nh, H, W, d).permute(0, 3, 1, 2)

@@ -1,4 +1,4 @@
-"""What the native pass leaves for the high-res pass (spec §3, "Native maps per high-res step").
+"""What the native pass leaves for the high-res pass (docs/method.md §4).
 
 Per native UNet evaluation σ: for every AM layer the normalised attn1 input of each row, keyed
 by row role, never by row index. While the total stays within a byte budget the maps are

@@ -1,6 +1,6 @@
 """AUTOMATIC1111 host, torch level: FAM on an ldm/sgm UNet driven by the WebUI's CFG denoiser.
 
-What A1111 gives us (see docs/hosts.md) and how this module fits it:
+What A1111 gives us and how this module fits it:
   * one `CFGDenoiser` per sampler instance (a new sampler per pass). Its `forward(x, σ, …)`
     gets the sampler's own latent, so FM edits `x` in place there; its inner model (the
     k-diffusion `CompVisDenoiser` or the timestep denoiser) sees every UNet batch, so each

@@ -1,0 +1,51 @@
+"""The repository stands alone: no file points outside it, and every relative link in the
+Markdown documents reaches a file that is there."""
+
+import os
+import re
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = (".py", ".md", ".js", ".css", ".toml", ".ini", ".txt", ".cfg", ".yaml", ".yml", ".json")
+
+
+def tracked_files():
+    try:
+        out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    return [f for f in out if f.endswith(TEXT) or f.startswith(".ci/")]
+
+
+def test_no_file_refers_outside_the_repository():
+    outside = re.compile(r"\.\./shared|/work/(shared|notes|wt|webui)|steering repository")
+    hits = []
+    for rel in tracked_files():
+        if rel == "tests/test_repository.py":   # the pattern itself
+            continue
+        with open(os.path.join(ROOT, rel), encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if outside.search(line):
+                    hits.append(f"{rel}:{n}: {line.strip()}")
+    assert not hits, "\n".join(hits)
+
+
+def test_markdown_links_resolve():
+    link = re.compile(r"\]\(([^)#\s]+)(#[^)\s]*)?\)")
+    broken = []
+    for rel in tracked_files():
+        if not rel.endswith(".md"):
+            continue
+        base = os.path.dirname(os.path.join(ROOT, rel))
+        with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
+            for target, _ in link.findall(f.read()):
+                if "://" in target or target.startswith("mailto:"):
+                    continue
+                if not os.path.exists(os.path.join(base, target)):
+                    broken.append(f"{rel} -> {target}")
+    assert not broken, broken
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert "(docs/method.md)" in readme
