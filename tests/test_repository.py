@@ -49,3 +49,15 @@ def test_markdown_links_resolve():
     assert not broken, broken
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     assert "(docs/method.md)" in readme
+
+
+def test_javascript_writes_no_html():
+    """javascript/ may toggle classes and read inputs, never turn text into markup."""
+    sinks = re.compile(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|"
+                       r"createContextualFragment|DOMParser|\.html\(|eval\(|new Function")
+    scripts = [f for f in tracked_files() if f.startswith("javascript/") and f.endswith(".js")]
+    assert scripts
+    for rel in scripts:
+        with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
+            found = sinks.findall(f.read())
+        assert not found, (rel, found)
