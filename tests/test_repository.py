@@ -4,6 +4,7 @@ Markdown documents reaches a file that is there."""
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -61,3 +62,20 @@ def test_javascript_writes_no_html():
         with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
             found = sinks.findall(f.read())
         assert not found, (rel, found)
+
+
+def test_the_extension_side_never_imports_the_standalone_dependencies():
+    """What the WebUI imports (and `python -m fam generate --help`) loads neither diffusers
+    nor transformers: they are the optional `standalone` extra."""
+    code = ("import sys, contextlib, io\n"
+            "import fam, fam.params, fam.guidance, fam.layers, fam.hosts.a1111, fam.hosts.a1111_args\n"
+            "import fam.hosts.diffusers, fam.standalone.cli\n"
+            "from fam.__main__ import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try: main(['generate', '--help'])\n"
+            "    except SystemExit: pass\n"
+            "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

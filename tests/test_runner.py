@@ -329,3 +329,14 @@ def test_single_file_checkpoint_offline_with_config(sd15, tmp_path, monkeypatch)
     assert generate("--model", str(ckpt), "--config", sd15, "--seed", "6", "--out", str(from_file)) == 0
     assert Image.open(from_file).tobytes() == Image.open(from_folder).tobytes()
     assert parse_infotext(parameters(from_file)[0])["Model"] == "tiny-sd15"
+
+
+def test_side_by_side_labels_and_enlarges_small_images():
+    from fam.standalone.pngs import side_by_side
+    a, b = Image.new("RGB", (64, 48), "red"), Image.new("RGB", (64, 48), "blue")
+    sheet = side_by_side([(a, "Hires fix", "x"), (b, "FAM", "y")])
+    assert sheet.width == 2 * 256 and sheet.height > 48 * 4
+    assert sheet.getpixel((10, sheet.height - 1)) == (255, 0, 0)
+    assert sheet.getpixel((256 + 10, sheet.height - 1)) == (0, 0, 255)
+    big = side_by_side([(Image.new("RGB", (300, 200)), "a", "b")] * 2)
+    assert big.width == 600 and big.height > 200

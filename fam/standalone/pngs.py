@@ -40,10 +40,17 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+MIN_PANEL = 256   # small images are enlarged (nearest neighbour) so the labels fit
+
+
 def side_by_side(panels: list[tuple[Any, str, str]]):
     """One image of equally sized panels left to right, each under a title and a subtitle."""
     from PIL import Image, ImageDraw
     w, h = panels[0][0].size
+    zoom = -(-MIN_PANEL // w) if w < MIN_PANEL else 1
+    if zoom > 1:
+        panels = [(im.resize((w * zoom, h * zoom), Image.NEAREST), a, b) for im, a, b in panels]
+        w, h = w * zoom, h * zoom
     title_px = max(12, w // 20)
     band = int(title_px * 2.6)
     sheet = Image.new("RGB", (w * len(panels), h + band), "white")
