@@ -18,6 +18,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -126,6 +127,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--scale {args.scale:g}: expected {SCALE_RANGE[0]:g} to {SCALE_RANGE[1]:g}")
     if not 0 < args.denoising_strength <= 1:
         raise UsageError(f"--denoising-strength {args.denoising_strength:g}: expected more than 0, at most 1")
+    if not -1 <= args.seed < 2**63:
+        raise UsageError(f"--seed {args.seed}: expected -1 (random) or 0 to 2^63 - 1")
     if not 1 <= args.batch <= 64:
         raise UsageError(f"--batch {args.batch}: expected 1 to 64")
     for name in ("width", "height"):
@@ -230,6 +233,33 @@ def _sync(device: torch.device) -> None:
 
 # ---- running ------------------------------------------------------------------------------
 @dataclasses.dataclass
+class Plan:
+    """What both variants share: the same sampler settings, sizes, seeds and conditioning."""
+    model_name: str
+    sampler: Any                  # a fresh diffusers scheduler of the chosen sampler
+    sampler_name: str
+    native_px: tuple[int, int]    # (height, width)
+    hires_px: tuple[int, int]
+    factor: int                   # pixels per latent cell
+    steps: int
+    hires_steps: int              # 0: the same as steps
+    cfg: float
+    scale: float
+    seeds: list[int]
+    tiling: str
+    cond: Any                     # CfgCond at the native size
+    hires_cond: Any = None        # SDXL: the same prompts conditioned on the high-res size
+
+    @property
+    def native_hw(self) -> tuple[int, int]:
+        return (self.native_px[0] // self.factor, self.native_px[1] // self.factor)
+
+    @property
+    def hires_hw(self) -> tuple[int, int]:
+        return (self.hires_px[0] // self.factor, self.hires_px[1] // self.factor)
+
+
+@dataclasses.dataclass
 class Variant:
     label: str                   # "FAM" or "Hires fix"
     params: FamParams
@@ -255,25 +285,24 @@ def _bar(quiet: bool):
     return wrap
 
 
-def _render(model, variant: Variant, setup: dict, bar) -> None:
+def _render(model, variant: Variant, plan: Plan, bar) -> None:
     from ..hosts.diffusers import generate
     pass_name = {"native": "native pass", "hires": f"{variant.label} pass"}
     meter = PeakMemory(model.device)
     meter.reset()
     t0 = time.perf_counter()
     result = generate(
-        model.unet, setup["sampler"], setup["cond"], native_hw=setup["native_hw"],
-        hires_hw=setup["hires_hw"], steps=setup["steps"], params=variant.params,
-        guidance_scale=setup["cfg"], seed=setup["seeds"], hires_cond=setup["hires_cond"],
-        hires_steps=setup["hires_steps"] or None, denoising_strength=variant.strength,
+        model.unet, plan.sampler, plan.cond, native_hw=plan.native_hw, hires_hw=plan.hires_hw,
+        steps=plan.steps, params=variant.params, guidance_scale=plan.cfg, seed=plan.seeds,
+        hires_cond=plan.hires_cond, hires_steps=plan.hires_steps or None,
+        denoising_strength=variant.strength,
         progress=lambda name, ts: bar(f"{variant.label}: {pass_name[name]}", ts))
     _sync(model.device)
     t1 = time.perf_counter()
-    note = model.set_tiling(setup["hires_hw"], setup["tiling"])
+    note = model.set_tiling(plan.hires_hw, plan.tiling)
     if note:
         print(note)
-    latents = result.hires.split(1)
-    variant.images = [model.decode(z) for z in bar(f"{variant.label}: decode", latents)]
+    variant.images = [model.decode(z) for z in bar(f"{variant.label}: decode", result.hires.split(1))]
     _sync(model.device)
     variant.decode_s = time.perf_counter() - t1
     variant.sampling_s = t1 - t0
@@ -281,17 +310,17 @@ def _render(model, variant: Variant, setup: dict, bar) -> None:
     variant.info = dict(result.info)
 
 
-def _fields(setup: dict, variant: Variant, seed: int) -> dict:
-    sampler, karras = setup["sampler_name"], setup["sampler_name"].endswith(" Karras")
-    h, w = setup["native_px"]
+def _fields(plan: Plan, variant: Variant, seed: int) -> dict:
+    """The infotext entries of one image, in A1111's order and words."""
+    karras = plan.sampler_name.endswith(" Karras")
+    h, w = plan.native_px
     fields = {
-        "Steps": setup["steps"],
-        "Sampler": sampler[: -len(" Karras")] if karras else sampler,
+        "Steps": plan.steps,
+        "Sampler": plan.sampler_name[: -len(" Karras")] if karras else plan.sampler_name,
         "Schedule type": "Karras" if karras else None,
-        "CFG scale": setup["cfg"], "Seed": seed, "Size": f"{w}x{h}",
-        "Model": setup["model_name"], "Denoising strength": variant.strength,
-        "Hires upscale": setup["scale"], "Hires steps": setup["hires_steps"] or None,
-        "Hires upscaler": HIRES_UPSCALER,
+        "CFG scale": plan.cfg, "Seed": seed, "Size": f"{w}x{h}", "Model": plan.model_name,
+        "Denoising strength": variant.strength, "Hires upscale": plan.scale,
+        "Hires steps": plan.hires_steps or None, "Hires upscaler": HIRES_UPSCALER,
     }
     fields.update(variant.params.to_infotext())
     fields.update(variant.info)
@@ -325,24 +354,22 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: the {what} is longer than the text encoder's window; its last "
                   f"{model.prompt_overflow(text)} tokens are cut off")
     d = model.defaults
-    steps, cfg = args.steps or d["steps"], d["cfg"] if args.cfg is None else args.cfg
-    sampler_name = args.sampler or d["sampler"]
     native_px = (args.height or model.native_px[0], args.width or model.native_px[1])
     hires_px = tuple(int(s * args.scale) // model.factor * model.factor for s in native_px)
+    sampler_name = args.sampler or d["sampler"]
     seed = random.randrange(2**32) if args.seed == -1 else args.seed
-    seeds = [seed + i for i in range(args.batch)]
-    setup = dict(
-        sampler=make_sampler(model, sampler_name, args.prediction_type), sampler_name=sampler_name,
-        native_px=native_px, native_hw=tuple(s // model.factor for s in native_px),
-        hires_hw=tuple(s // model.factor for s in hires_px), steps=steps,
-        hires_steps=args.hires_steps, cfg=cfg, seeds=seeds, scale=args.scale,
-        tiling=args.vae_tiling, model_name=model.name,
+    plan = Plan(
+        model_name=model.name, sampler=make_sampler(model, sampler_name, args.prediction_type),
+        sampler_name=sampler_name, native_px=native_px, hires_px=hires_px, factor=model.factor,
+        steps=args.steps or d["steps"], hires_steps=args.hires_steps,
+        cfg=d["cfg"] if args.cfg is None else args.cfg, scale=args.scale,
+        seeds=[seed + i for i in range(args.batch)], tiling=args.vae_tiling,
         cond=model.conditioning(args.prompt, args.negative, args.batch, native_px),
         hires_cond=model.conditioning(args.prompt, args.negative, args.batch, hires_px)
-        if getattr(model, "xl", False) else None)
+        if model.size_conditioned else None)
     print(f"{model.name} ({model.kind}) on {device} in {str(dtype).replace('torch.', '')}: "
           f"{native_px[1]}x{native_px[0]} -> {hires_px[1]}x{hires_px[0]}, {sampler_name}, "
-          f"{steps}+{args.hires_steps or steps} steps, CFG {cfg:g}, seed {seed}"
+          f"{plan.steps}+{plan.hires_steps or plan.steps} steps, CFG {plan.cfg:g}, seed {seed}"
           + (f" (+0..{args.batch - 1})" if args.batch > 1 else ""))
 
     variants = [Variant("FAM", params, 1.0 if params.full_renoise else args.denoising_strength)]
@@ -351,10 +378,10 @@ def run(args: argparse.Namespace) -> int:
     bar = _bar(args.quiet)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for v, suffix in zip(variants, ("", "_hiresfix")):
-        _render(model, v, setup, bar)
+        _render(model, v, plan, bar)
         v.paths = _paths(args.out, args.batch, suffix)
-        for image, path, s in zip(v.images, v.paths, seeds):
-            save_png(image, path, infotext(args.prompt, args.negative, _fields(setup, v, s)))
+        for image, path, image_seed in zip(v.images, v.paths, plan.seeds):
+            save_png(image, path, infotext(args.prompt, args.negative, _fields(plan, v, image_seed)))
     for note in variants[0].info.items():
         print("%s: %s" % note)
     _report(variants, PeakMemory(device).label)
@@ -362,10 +389,15 @@ def run(args: argparse.Namespace) -> int:
         fam, plain = variants
         for path, a, b in zip(_paths(args.out, args.batch, "_compare"), plain.images, fam.images):
             side_by_side([(a, "Hires fix", f"denoise {plain.strength:g}, same seed"),
-                          (b, "FAM", f"denoise {fam.strength:g}, FM + AM" if params.am_enabled
-                           and params.fm_enabled else f"denoise {fam.strength:g}")]).save(path)
+                          (b, "FAM", f"denoise {fam.strength:g}, {_modulations(params)}")]).save(path)
             print(f"comparison: {path}")
     return 0
+
+
+def _modulations(params: FamParams) -> str:
+    on = [name for name, enabled in (("FM", params.fm_enabled),
+                                     ("AM", params.am_enabled and params.am_lambda > 0)) if enabled]
+    return " + ".join(on) if on else "FM and AM off"
 
 
 def _report(variants: list[Variant], memory_label: str) -> None:

@@ -69,6 +69,11 @@ class Model:
     def device(self) -> torch.device:
         return self.unet.device
 
+    @property
+    def size_conditioned(self) -> bool:
+        """Whether the conditioning depends on the image size (SDXL's size embedding)."""
+        return False
+
     def conditioning(self, prompt: str, negative: str, batch: int, size_px) -> CfgCond:
         raise NotImplementedError
 
@@ -91,7 +96,7 @@ class PipelineModel(Model):
     pipe: Any = None
 
     @property
-    def xl(self) -> bool:
+    def size_conditioned(self) -> bool:
         return getattr(self.pipe, "text_encoder_2", None) is not None
 
     def prompt_overflow(self, text):
@@ -103,7 +108,7 @@ class PipelineModel(Model):
             out = self.pipe.encode_prompt(
                 prompt=prompt, device=self.device, num_images_per_prompt=batch,
                 do_classifier_free_guidance=True, negative_prompt=negative)
-        if not self.xl:
+        if not self.size_conditioned:
             cond, uncond = out
             return CfgCond(torch.cat([uncond, cond]))
         cond, uncond, pooled, uncond_pooled = out
