@@ -4,6 +4,7 @@ folders: the PNGs, their A1111 `parameters` text, --compare, batches, and every 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -203,8 +204,8 @@ def fails(capsys, *args, code=None):
     (["--fm-cutoff", "big"], "FAM setting 'fm_cutoff' = 'big' is invalid: expected a number"),
     (["--record-budget-mb", "10.5"], "FAM setting 'record_budget_mb' = 10.5 is invalid: expected an integer"),
     (["--am-blocks", "3,x"], "FAM setting 'am_blocks' = '3,x' is invalid: expected 'auto' or comma-separated"),
-    (["--width", "130"], "--width 130: expected a multiple of 8"),
-    (["--height", "100"], "--height 100: expected a multiple of 8"),
+    (["--width", "130"], "--width 130: expected a positive multiple of 8"),
+    (["--height", "0"], "--height 0: expected a positive multiple of 8"),
     (["--scale", "5"], "--scale 5: expected 1.5 to 4"),
     (["--steps", "0"], "--steps 0: expected 1 to 1000"),
     (["--denoising-strength", "0"], "--denoising-strength 0: expected more than 0"),
@@ -324,9 +325,12 @@ def test_single_file_checkpoint_offline_with_config(sd15, tmp_path, monkeypatch)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     ckpt = tmp_path / "tiny-sd15.safetensors"
     save_file(ldm_state_dict(StableDiffusionPipeline.from_pretrained(sd15)), str(ckpt))
+    config = tmp_path / "config-only"          # the folder's .json and tokenizer files, no weights
+    shutil.copytree(sd15, config, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     from_folder, from_file = tmp_path / "folder.png", tmp_path / "file.png"
     assert generate("--model", sd15, "--seed", "6", "--out", str(from_folder)) == 0
-    assert generate("--model", str(ckpt), "--config", sd15, "--seed", "6", "--out", str(from_file)) == 0
+    assert generate("--model", str(ckpt), "--config", str(config), "--seed", "6",
+                    "--out", str(from_file)) == 0
     assert Image.open(from_file).tobytes() == Image.open(from_folder).tobytes()
     assert parse_infotext(parameters(from_file)[0])["Model"] == "tiny-sd15"
 

@@ -133,8 +133,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch {args.batch}: expected 1 to 64")
     for name in ("width", "height"):
         v = getattr(args, name)
-        if v is not None and (v < 64 or v % 8):
-            raise UsageError(f"--{name} {v}: expected a multiple of 8, at least 64")
+        if v is not None and (v < 8 or v % 8):
+            raise UsageError(f"--{name} {v}: expected a positive multiple of 8")
     if not args.out.lower().endswith(".png"):
         raise UsageError(f"--out {args.out}: expected a .png file name")
 
