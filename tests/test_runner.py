@@ -109,12 +109,15 @@ def test_compare_writes_both_images_and_a_labelled_sheet(sd15, tmp_path, capsys)
     assert "FAM / Hires fix: time" in printed
 
 
-def test_plain_hires_fix_at_its_own_strength(sd15, tmp_path):
+def test_plain_hires_fix_at_its_own_strength_and_a_batch_sheet(sd15, tmp_path):
     out = tmp_path / "s.png"
     assert generate("--model", sd15, "--seed", "2", "--compare", "--denoising-strength", "0.5",
-                    "--out", str(out)) == 0
-    assert parse_infotext(parameters(tmp_path / "s_hiresfix.png")[0])["Denoising strength"] == "0.5"
-    assert parse_infotext(parameters(out)[0])["Denoising strength"] == "1.0"   # full re-noise
+                    "--batch", "2", "--out", str(out)) == 0
+    for i in (0, 1):
+        assert parse_infotext(parameters(tmp_path / f"s-{i}_hiresfix.png")[0])["Denoising strength"] == "0.5"
+        assert parse_infotext(parameters(tmp_path / f"s-{i}.png")[0])["Denoising strength"] == "1.0"
+    sheet = Image.open(tmp_path / "s_compare.png")          # one row per image
+    assert sheet.width == 4 * NATIVE_PX and 4 * NATIVE_PX < sheet.height < 5 * NATIVE_PX
     assert generate("--model", sd15, "--seed", "2", "--denoising-strength", "0.5",
                     "--no-full-renoise", "--out", str(out)) == 0
     assert parse_infotext(parameters(out)[0])["Denoising strength"] == "0.5"
@@ -337,10 +340,11 @@ def test_single_file_checkpoint_offline_with_config(sd15, tmp_path, monkeypatch)
 
 def test_side_by_side_labels_and_enlarges_small_images():
     from fam.standalone.pngs import side_by_side
-    a, b = Image.new("RGB", (64, 48), "red"), Image.new("RGB", (64, 48), "blue")
-    sheet = side_by_side([(a, "Hires fix", "x"), (b, "FAM", "y")])
-    assert sheet.width == 2 * 256 and sheet.height > 48 * 4
-    assert sheet.getpixel((10, sheet.height - 1)) == (255, 0, 0)
-    assert sheet.getpixel((256 + 10, sheet.height - 1)) == (0, 0, 255)
-    big = side_by_side([(Image.new("RGB", (300, 200)), "a", "b")] * 2)
-    assert big.width == 600 and big.height > 200
+    red, blue = Image.new("RGB", (64, 48), "red"), Image.new("RGB", (64, 48), "blue")
+    sheet = side_by_side([([red, blue], "Hires fix", "x"), ([blue, red], "FAM", "y")])
+    assert sheet.width == 2 * 256 and sheet.height > 2 * 48 * 4
+    assert sheet.getpixel((10, sheet.height - 1)) == (0, 0, 255)          # column 0, row 1
+    assert sheet.getpixel((256 + 10, sheet.height - 1)) == (255, 0, 0)    # column 1, row 1
+    assert sheet.getpixel((10, sheet.height - 1 - 192)) == (255, 0, 0)    # column 0, row 0
+    big = side_by_side([([Image.new("RGB", (300, 200))], "a", "b")] * 2)
+    assert big.width == 600 and 200 < big.height < 300

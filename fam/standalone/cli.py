@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "free memory (CUDA and CPU)")
     r.add_argument("--compare", action="store_true",
                    help="also make the plain Hires fix with the same seed, steps and upscaling: "
-                   "writes OUT_hiresfix.png and a labelled OUT_compare.png, prints both timings")
+                   "writes OUT_hiresfix.png and a labelled OUT_compare.png (one row per image), "
+                   "prints both timings")
     r.add_argument("--out", default="fam.png", help="output PNG (default fam.png); a batch "
                    "writes OUT-0.png, OUT-1.png, ...")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -387,10 +388,12 @@ def run(args: argparse.Namespace) -> int:
     _report(variants, PeakMemory(device).label)
     if args.compare:
         fam, plain = variants
-        for path, a, b in zip(_paths(args.out, args.batch, "_compare"), plain.images, fam.images):
-            side_by_side([(a, "Hires fix", f"denoise {plain.strength:g}, same seed"),
-                          (b, "FAM", f"denoise {fam.strength:g}, {_modulations(params)}")]).save(path)
-            print(f"comparison: {path}")
+        path = _paths(args.out, 1, "_compare")[0]
+        seeds = "same seed" if args.batch == 1 else "same seeds"
+        side_by_side([(plain.images, "Hires fix", f"denoise {plain.strength:g}, {seeds}"),
+                      (fam.images, "FAM", f"denoise {fam.strength:g}, {_modulations(params)}")]
+                     ).save(path)
+        print(f"comparison: {path}")
     return 0
 
 

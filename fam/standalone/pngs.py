@@ -40,24 +40,28 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-MIN_PANEL = 256   # small images are enlarged (nearest neighbour) so the labels fit
+MIN_PANEL = 256   # smaller images are enlarged (nearest neighbour) so that the labels fit
 
 
-def side_by_side(panels: list[tuple[Any, str, str]]):
-    """One image of equally sized panels left to right, each under a title and a subtitle."""
+def side_by_side(columns: list[tuple[list, str, str]]):
+    """One sheet of labelled columns: each column is (images top to bottom, title, subtitle),
+    all images of one size; a batch gives one row per image."""
     from PIL import Image, ImageDraw
-    w, h = panels[0][0].size
+    w, h = columns[0][0][0].size
     zoom = -(-MIN_PANEL // w) if w < MIN_PANEL else 1
-    if zoom > 1:
-        panels = [(im.resize((w * zoom, h * zoom), Image.NEAREST), a, b) for im, a, b in panels]
-        w, h = w * zoom, h * zoom
+    w, h = w * zoom, h * zoom
     title_px = max(12, w // 20)
     band = int(title_px * 2.6)
-    sheet = Image.new("RGB", (w * len(panels), h + band), "white")
+    rows = len(columns[0][0])
+    sheet = Image.new("RGB", (w * len(columns), band + h * rows), "white")
     draw = ImageDraw.Draw(sheet)
     title, sub = _font(title_px), _font(max(10, int(title_px * 0.7)))
-    for i, (image, heading, subtitle) in enumerate(panels):
-        sheet.paste(image.convert("RGB"), (i * w, band))
+    for i, (images, heading, subtitle) in enumerate(columns):
+        for j, image in enumerate(images):
+            image = image.convert("RGB")
+            if zoom > 1:
+                image = image.resize((w, h), Image.NEAREST)
+            sheet.paste(image, (i * w, band + j * h))
         x = i * w + title_px // 2
         draw.text((x, title_px // 4), heading, fill="black", font=title)
         draw.text((x, int(title_px * 1.45)), subtitle, fill=(80, 80, 80), font=sub)
