@@ -98,8 +98,8 @@ def test_compare_writes_both_images_and_a_labelled_sheet(sd15, tmp_path, capsys)
     fam_im, plain_im = Image.open(fam), Image.open(plain)
     assert fam_im.size == plain_im.size == (2 * NATIVE_PX, 2 * NATIVE_PX)
     assert fam_im.tobytes() != plain_im.tobytes()
-    w, h = Image.open(sheet).size
-    assert w == 2 * fam_im.size[0] and h > fam_im.size[1]
+    w, h = Image.open(sheet).size                     # native | Hires fix | FAM
+    assert w == 3 * fam_im.size[0] and h > fam_im.size[1]
     plain_info = parse_infotext(parameters(plain)[0])
     assert plain_info["Seed"] == "1" and not any(k.startswith("FAM") for k in plain_info)
     assert FamParams.from_infotext(parse_infotext(parameters(fam)[0])) == FamParams(enabled=True)
@@ -117,7 +117,7 @@ def test_plain_hires_fix_at_its_own_strength_and_a_batch_sheet(sd15, tmp_path):
         assert parse_infotext(parameters(tmp_path / f"s-{i}_hiresfix.png")[0])["Denoising strength"] == "0.5"
         assert parse_infotext(parameters(tmp_path / f"s-{i}.png")[0])["Denoising strength"] == "1.0"
     sheet = Image.open(tmp_path / "s_compare.png")          # one row per image
-    assert sheet.width == 4 * NATIVE_PX and 4 * NATIVE_PX < sheet.height < 5 * NATIVE_PX
+    assert sheet.width == 6 * NATIVE_PX and 4 * NATIVE_PX < sheet.height < 5 * NATIVE_PX
     assert generate("--model", sd15, "--seed", "2", "--denoising-strength", "0.5",
                     "--no-full-renoise", "--out", str(out)) == 0
     assert parse_infotext(parameters(out)[0])["Denoising strength"] == "0.5"

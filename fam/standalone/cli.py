@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "free memory (CUDA and CPU)")
     r.add_argument("--compare", action="store_true",
                    help="also make the plain Hires fix with the same seed, steps and upscaling: "
-                   "writes OUT_hiresfix.png and a labelled OUT_compare.png (one row per image), "
-                   "prints both timings")
+                   "writes OUT_hiresfix.png and a labelled OUT_compare.png (native | Hires fix | "
+                   "FAM, one row per image), prints both timings")
     r.add_argument("--out", default="fam.png", help="output PNG (default fam.png); a batch "
                    "writes OUT-0.png, OUT-1.png, ...")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -271,6 +271,7 @@ class Variant:
     peak: int | None = None
     info: dict = dataclasses.field(default_factory=dict)
     paths: list = dataclasses.field(default_factory=list)
+    native: Any = None            # the native latents (the same for both variants)
 
     @property
     def total_s(self) -> float:
@@ -309,6 +310,7 @@ def _render(model, variant: Variant, plan: Plan, bar) -> None:
     variant.sampling_s = t1 - t0
     variant.peak = meter.peak()
     variant.info = dict(result.info)
+    variant.native = result.native
 
 
 def _fields(plan: Plan, variant: Variant, seed: int) -> dict:
@@ -345,6 +347,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = _dtype(args.dtype, device)
     _needs_standalone_extra()
     from .models import load_model, make_sampler
+    from PIL import Image
     from .pngs import infotext, save_png, side_by_side
 
     with _library_noise_off(args.quiet):
@@ -390,7 +393,11 @@ def run(args: argparse.Namespace) -> int:
         fam, plain = variants
         path = _paths(args.out, 1, "_compare")[0]
         seeds = "same seed" if args.batch == 1 else "same seeds"
-        side_by_side([(plain.images, "Hires fix", f"denoise {plain.strength:g}, {seeds}"),
+        h, w = plan.native_px
+        native = [model.decode(z).resize(fam.images[0].size, Image.NEAREST)
+                  for z in fam.native.split(1)]
+        side_by_side([(native, "native pass", f"{w}x{h}, shown enlarged"),
+                      (plain.images, "Hires fix", f"denoise {plain.strength:g}, {seeds}"),
                       (fam.images, "FAM", f"denoise {fam.strength:g}, {_modulations(params)}")]
                      ).save(path)
         print(f"comparison: {path}")
