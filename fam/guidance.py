@@ -23,7 +23,7 @@ from .params import FamParams
 from .record import NativeEntry, NativeRecord, ReferenceRecord, Role
 from .schedule import VPSchedule, noised_reference
 
-__all__ = ["FamRun", "token_grid"]
+__all__ = ["FamRun", "ReplayUnavailable", "token_grid"]
 
 NATIVE, REPLAY, HIRES, IDLE = "native", "replay", "hires", "idle"
 
@@ -39,6 +39,12 @@ def token_grid(latent_hw, level: int) -> tuple[int, int]:
 class _ReplayDone(Exception):
     """Raised inside a replayed native UNet once every AM layer is recorded: the rest of
     the network is not needed."""
+
+
+class ReplayUnavailable(Exception):
+    """Raised by a host's replay function when native calls cannot be re-run in this pass
+    (e.g. a UNet hook holds high-res inputs). The message becomes the skip reason of every
+    AM call that needed a replay; no replay is tried again."""
 
 
 class FamRun:
@@ -61,6 +67,7 @@ class FamRun:
         self._replay_fn: Callable[[Any], None] | None = None
         self._replay_can_stop = False
         self._maps: NativeEntry | None = None   # the entry whose maps are ready on device
+        self._no_maps_reason = "no native record for this step"
         self._device: torch.device | None = None
         # what happened, for the infotext
         self.am_calls = 0
@@ -72,7 +79,7 @@ class FamRun:
     def begin_native(self) -> None:
         self.phase = NATIVE
         p = self.params
-        self.record = NativeRecord(p.record_budget_bytes if p.am_enabled else 0,
+        self.record = NativeRecord(p.record_budget_bytes if p.am_active else 0,
                                    offload=p.record_offload)
 
     def begin_hires(self, z0: torch.Tensor, eps: torch.Tensor, *, vp: bool = False,
@@ -107,7 +114,7 @@ class FamRun:
         if self.phase == NATIVE:
             self.native_hw = self._latent_hw
             self._entry = self.record.entry(sigma)
-            if replay is not None and self.params.am_enabled:
+            if replay is not None and self.params.am_active:
                 self._entry.replays.append(replay)
         elif self.phase == HIRES:
             self._maps = self._ready_maps(sigma)
@@ -116,7 +123,7 @@ class FamRun:
     def on_attn1(self, layer: str, hidden: torch.Tensor) -> AmContext | None:
         """Called with the normalised attn1 input (rows, tokens, C) of an AM layer. Returns
         the context to modulate with, or None: run the layer's own attention."""
-        if not self.params.am_enabled or self.params.am_lambda == 0:
+        if not self.params.am_active:
             return None
         if self.phase in (NATIVE, REPLAY):
             self._record(layer, hidden)
@@ -159,11 +166,11 @@ class FamRun:
     def _ready_maps(self, sigma: float) -> NativeEntry | None:
         """The native entry for σ with its maps on the compute device, rebuilt by replay on
         the recompute path; one entry is cached (split CFG calls and repeated σ reuse it)."""
-        if not self.params.am_enabled or self.record is None:
+        if not self.params.am_active or self.record is None:
             return None
         entry = self.record.nearest(sigma)
-        if entry is None:
-            return None
+        if entry is None or not (entry.maps or entry.replays):
+            return None   # e.g. a native step the refiner ran: nothing was recorded
         cached = self._maps if self._maps is not None and self._maps.sigma == entry.sigma else None
         if cached is not None and (not self.record.recompute or self._covers(cached)):
             return cached
@@ -193,6 +200,9 @@ class FamRun:
                     self._replay_fn(payload)
                 except _ReplayDone:
                     pass
+                except ReplayUnavailable as e:
+                    self._replay_fn, self._no_maps_reason = None, str(e)
+                    return None
                 self.replays += 1
         finally:
             self.phase = HIRES
@@ -204,7 +214,7 @@ class FamRun:
         if level is None:
             return None, "not an AM layer"
         if self._maps is None:
-            return None, "no native record for this step"
+            return None, self._no_maps_reason
         grid = token_grid(self._latent_hw, level)
         if hidden.shape[1] != grid[0] * grid[1]:
             return None, "token grid changed (token merging / hypertile)"
@@ -222,7 +232,7 @@ class FamRun:
     def report(self) -> dict[str, str]:
         """Infotext entries describing what FAM actually did (skips and fallbacks)."""
         out = {}
-        if self.record is not None and self.params.am_enabled and self.record.recompute:
+        if self.record is not None and self.params.am_active and self.record.recompute:
             out["FAM AM path"] = "recompute"
         skipped = sum(self.am_skipped.values())
         if skipped:

@@ -79,6 +79,11 @@ class FamParams:
         return tuple(int(s) for s in self.am_blocks.split(","))
 
     @property
+    def am_active(self) -> bool:
+        """Whether AM changes anything: with it off or λ = 0 nothing is recorded or replayed."""
+        return self.am_enabled and self.am_lambda > 0
+
+    @property
     def record_budget_bytes(self) -> int:
         return self.record_budget_mb * 2**20
 

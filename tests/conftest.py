@@ -1,18 +1,23 @@
-"""Tiny, randomly initialised UNets with the real SD1.5 and SDXL block layouts."""
+"""Tiny, randomly initialised UNets with the real SD1.5 and SDXL block layouts.
+
+Nothing heavy is imported at module level: pytest loads this file for tests/live too, which
+runs in a WebUI's own Python with only pytest (and requests, numpy, Pillow) installed."""
 
 import pytest
-import torch
-
-diffusers = pytest.importorskip("diffusers")
 
 SCHED_KW = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                 num_train_timesteps=1000)
 
 
+def _diffusers():
+    return pytest.importorskip("diffusers")
+
+
 def tiny_sd15(seed=0):
     """SD1.5 layout: 4 levels, attention in down 0-2 / up 1-3, no attention in up_blocks.0."""
+    import torch
     torch.manual_seed(seed)
-    return diffusers.UNet2DConditionModel(
+    return _diffusers().UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(32, 64, 64, 64),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -23,8 +28,9 @@ def tiny_sd15(seed=0):
 def tiny_sdxl(seed=0):
     """SDXL layout: 3 levels, no attention at full latent size, deepest level first up-block
     with several transformer blocks, text_time added conditioning."""
+    import torch
     torch.manual_seed(seed)
-    return diffusers.UNet2DConditionModel(
+    return _diffusers().UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(32, 64, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -36,6 +42,7 @@ def tiny_sdxl(seed=0):
 
 
 def cfg_cond(arch, batch=1, seed=0, hw=(128, 128)):
+    import torch
     from fam.hosts.diffusers import CfgCond
     g = torch.Generator().manual_seed(seed)
     states = torch.randn(2 * batch, 7, 32, generator=g)
@@ -53,4 +60,4 @@ def unets():
 
 @pytest.fixture
 def euler():
-    return diffusers.EulerDiscreteScheduler(**SCHED_KW)
+    return _diffusers().EulerDiscreteScheduler(**SCHED_KW)

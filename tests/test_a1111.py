@@ -1,7 +1,7 @@
 """The A1111 adapter at torch level, on ldm-named tiny UNets driven by a stand-in for the
-WebUI's CFG denoiser (A1111's batch layout: per image its cond rows, then the uncond rows;
-optionally split into several UNet calls or without the uncond rows)."""
+WebUI's CFG denoiser (`a1111_like.CFG`)."""
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -11,139 +11,74 @@ import torch.nn.functional as F
 from torch import nn
 
 from fam.hosts.a1111 import (Attn1Hook, FamGeneration, RowCursor, cfg_roles, cond_repeats,
-                             native_cond, reference_size)
-from fam.hosts.a1111_args import FamRequestError
+                             native_cond, with_native_size)
+from fam.hosts.webui import reference_size
+from fam.hosts.webui_args import FamRequestError
+from fam.frequency import frequency_modulate
 from fam.layers import discover
 from fam.params import FamParams
 from fam.record import Role
-from fam.schedule import VPSchedule
+from fam.schedule import noised_reference
+import a1111_like
+from a1111_like import BETAS, CFG, SCHEDULE, TIMESTEPS, conds, ddim, euler, sd_model, sigmas
 from ldm_like import sd1_like, sdxl_like
 
 ON = FamParams(enabled=True)
-BETAS = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-SCHEDULE = VPSchedule(torch.cumprod(1 - BETAS, 0))
 NATIVE, HIRES = (8, 8), (16, 16)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
-# ---- a stand-in for A1111's denoisers ---------------------------------------------------
-class Denoiser(nn.Module):
-    """k-diffusion form (CompVisDenoiser): σ in, x0 out; or timestep form (vp): t in, ε out."""
-
-    def __init__(self, unet, vp=False):
-        super().__init__()
-        self.unet, self.vp = unet, vp
-
-    def forward(self, x, sigma, cond):
-        context = cond["c_crossattn"][0]
-        if self.vp:
-            return self.unet(x, context)
-        c_in = (sigma ** 2 + 1) ** -0.5
-        return x - sigma[:, None, None, None] * self.unet(x * c_in[:, None, None, None], context)
-
-
-class CFG(nn.Module):
-    """Builds A1111's CFG batch and calls the inner model whole, in chunks of `split` rows,
-    or without the uncond rows."""
-
-    def __init__(self, unet, vp=False, split=None, skip_uncond=False):
-        super().__init__()
-        self.model_wrap = Denoiser(unet, vp)
-        self.split, self.skip_uncond = split, skip_uncond
-        self.rows_seen = []
-
-    @property
-    def inner_model(self):
-        return self.model_wrap
-
-    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None):
-        parts = cond.batch
-        B = len(parts)
-        x_in = torch.cat([x[i:i + 1].expand(len(p), -1, -1, -1) for i, p in enumerate(parts)] + [x])
-        s_in = torch.cat([sigma[i:i + 1].expand(len(p)) for i, p in enumerate(parts)] + [sigma])
-        c_in = torch.cat([torch.stack(p) for p in parts] + [uncond])
-        n = x_in.shape[0] - (B if self.skip_uncond else 0)
-        step = self.split or n
-        out = torch.cat([self.inner_model(x_in[a:a + step][: n - a], s_in[a:a + step][: n - a],
-                                          cond={"c_crossattn": [c_in[a:a + step][: n - a]]})
-                         for a in range(0, n, step)])
-        self.rows_seen.append(out.shape[0])
-        uncond_out = out[-B:] if not self.skip_uncond else out[:B]
-        den, at = [], 0
-        for i, p in enumerate(parts):
-            cond_out = out[at:at + len(p)].mean(0)
-            den.append(uncond_out[i] + cond_scale * (cond_out - uncond_out[i]))
-            at += len(p)
-        return torch.stack(den)
-
-
-def conds(batch=1, parts=1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    multicond = SimpleNamespace(batch=[[torch.randn(3, 8, generator=g) for _ in range(parts)]
-                                       for _ in range(batch)])
-    return multicond, torch.randn(batch, 3, 8, generator=g)
-
-
-def sigmas(steps=4):
-    return torch.tensor([14.6, 4.0, 1.2, 0.3, 0.0][: steps] + [0.0], dtype=torch.float32)
-
-
-def euler(cfg, x, sig, cond, uncond, scale=5.0):
-    for i in range(len(sig) - 1):
-        s = sig[i] * x.new_ones(x.shape[0])
-        den = cfg(x, s, uncond=uncond, cond=cond, cond_scale=scale)
-        x = x + (x - den) / sig[i] * (sig[i + 1] - sig[i])
-    return x
-
-
-def ddim(cfg, x, ts, cond, uncond, scale=5.0):
-    ac = torch.cumprod(1 - BETAS, 0).float()
-    for i in reversed(range(len(ts))):
-        t = ts[i]
-        e = cfg(x, torch.full((x.shape[0],), float(t)), uncond=uncond, cond=cond, cond_scale=scale)
-        a, a_prev = ac[t], (ac[ts[i - 1]] if i else torch.tensor(1.0))
-        x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
-    return x
+def sampler_of(cfg):
+    return SimpleNamespace(model_wrap_cfg=cfg, func=None)
 
 
 def generate(unet, params=ON, batch=1, parts=1, split=None, skip_uncond=False, vp=False,
-             reference=False, device="cpu"):
+             reference=False, device="cpu", hires_unet=None, hires_vp=None, native_kw=None,
+             hires_kw=None, between=None, conditioner=None):
     """Native pass then high-res pass as the WebUI runs them, FAM on both when enabled
-    (fp16 on CUDA, as the WebUI runs there)."""
+    (fp16 on CUDA, as the WebUI runs there). `hires_unet`/`hires_vp`: another checkpoint or
+    sampler kind for the hires pass; `*_kw`: CFG stand-in options per pass; `between()`
+    runs between the passes (what the WebUI does to the first-pass model)."""
     dtype = torch.float16 if device == "cuda" else torch.float32
-    unet.to(device, dtype)
+    hires_unet = unet if hires_unet is None else hires_unet
+    hires_vp = vp if hires_vp is None else hires_vp
+    for u in (unet, hires_unet):
+        u.to(device, dtype)
     cond, uncond = conds(batch, parts)
     cond.batch = [[t.to(device, dtype) for t in parts_] for parts_ in cond.batch]
     uncond = uncond.to(device, dtype)
     g = torch.Generator().manual_seed(1)
     noise_n = torch.randn(batch, 4, *NATIVE, generator=g).to(device, dtype)
     noise_h = torch.randn(batch, 4, *HIRES, generator=g).to(device, dtype)
-    gen = None
+    gen, p = None, SimpleNamespace(sd_model=sd_model(unet))
     if params.enabled:
         gen = FamGeneration(params, discover(unet), SCHEDULE, "tiny")
         gen.install()
     try:
         with torch.no_grad():
-            cfg = CFG(unet, vp, split, skip_uncond)
+            cfg = CFG(unet, vp, split, skip_uncond, **(native_kw or {}))
             if gen and not reference:
-                gen.record_native(cfg, vp)
+                gen.record_native(p, sampler_of(cfg), vp)
             if vp:
-                ts = [1, 251, 501, 751, 999]
-                native = ddim(cfg, noise_n, ts, cond, uncond)
+                native = ddim(cfg, noise_n, TIMESTEPS, cond, uncond)
             else:
                 native = euler(cfg, noise_n * 14.6, sigmas(), cond, uncond)
+            if between:
+                between()
+            p.sd_model = sd_model(hires_unet, conditioner=conditioner)
             z0 = F.interpolate(native.float(), size=HIRES, mode="bicubic").to(dtype)
-            cfg = CFG(unet, vp, split, skip_uncond)
+            cfg = CFG(hires_unet, hires_vp, split, skip_uncond, **(hires_kw or {}))
             if gen:
-                gen.guide_hires(cfg, z0, noise_h, vp, reference=native if reference else None)
-            if vp:
+                gen.guide_hires(p, sampler_of(cfg), z0, noise_h, hires_vp,
+                                reference=native if reference else None)
+            if hires_vp:
                 a = torch.cumprod(1 - BETAS, 0).float()[999]
-                hires = ddim(cfg, a.sqrt() * z0 + (1 - a).sqrt() * noise_h, ts, cond, uncond)
+                hires = ddim(cfg, a.sqrt() * z0 + (1 - a).sqrt() * noise_h, TIMESTEPS, cond, uncond)
             else:
                 hires = euler(cfg, z0 + noise_h * 14.6, sigmas(), cond, uncond)
-        return SimpleNamespace(out=hires, gen=gen, cfg=cfg, info=gen.report() if gen else {})
+        return SimpleNamespace(out=hires, gen=gen, cfg=cfg, info=gen.report() if gen else {},
+                               run=gen.run if gen else None)
     finally:
         if gen:
             gen.remove()
@@ -335,7 +270,7 @@ def test_sigma_matching_uses_the_nearest_native_step():
     try:
         with torch.no_grad():
             cfg = CFG(unet)
-            gen.record_native(cfg, vp=False)
+            gen.record_native(SimpleNamespace(), sampler_of(cfg), vp=False)
             euler(cfg, torch.randn(1, 4, *NATIVE) * 14.6, sigmas(), cond, uncond)
             assert gen.run.record.sigmas == pytest.approx([0.3, 1.2, 4.0, 14.6])
             assert gen.run.record.nearest(1.0).sigma == pytest.approx(1.2)
@@ -349,7 +284,7 @@ def test_failed_setup_makes_the_sampler_raise_and_comes_off():
     gen = FamGeneration(ON, discover(unet), SCHEDULE)
     cfg = CFG(unet)
     error = FamRequestError("FAM: broken")
-    gen.fail(cfg, error)
+    gen.fail(sampler_of(cfg), error)
     cond, uncond = conds()
     with pytest.raises(FamRequestError, match="broken"):
         euler(cfg, torch.randn(1, 4, *NATIVE), sigmas(), cond, uncond)
@@ -363,7 +298,7 @@ def test_hooks_come_off_when_the_pass_raises():
     gen = FamGeneration(ON, discover(unet), SCHEDULE)
     gen.install()
     cfg = CFG(unet)
-    gen.record_native(cfg, vp=False)
+    gen.record_native(SimpleNamespace(), sampler_of(cfg), vp=False)
     cond, uncond = conds()
     with pytest.raises(TypeError):
         try:
@@ -415,13 +350,226 @@ def test_a_unet_that_never_calls_its_attn1_layers_is_noted():
     cond, uncond = conds()
     try:
         with torch.no_grad():
+            p = SimpleNamespace(sd_model=sd_model(hooked))
             cfg = CFG(other)
-            gen.record_native(cfg, vp=False)
+            gen.record_native(p, sampler_of(cfg), vp=False)
             native = euler(cfg, torch.randn(1, 4, *NATIVE) * 14.6, sigmas(), cond, uncond)
             cfg = CFG(other)
             z0, eps = F.interpolate(native, size=HIRES), torch.randn(1, 4, *HIRES)
-            gen.guide_hires(cfg, z0, eps, vp=False)
+            gen.guide_hires(p, sampler_of(cfg), z0, eps, vp=False)
             euler(cfg, z0 + 14.6 * eps, sigmas(), cond, uncond)
         assert gen.report()["FAM note"].startswith("AM did not run")
     finally:
         gen.remove()
+
+
+# ---- λ = 0 and AM off cost nothing (issue 7, defect 4) --------------------------------------
+@pytest.mark.parametrize("path", ["record", "recompute", "reference"])
+@pytest.mark.parametrize("off", [dict(am_lambda=0.0), dict(am_enabled=False)], ids=["lambda0", "am_off"])
+def test_am_that_cannot_change_anything_costs_nothing(path, off):
+    unet = sd1_like()
+    params = ON.replace(record_budget_mb=0 if path == "recompute" else 8192, **off)
+    before = forwards(unet)
+    r = generate(unet, params, batch=2, reference=path == "reference",
+                 between=lambda: (forwards(unet) == before) or pytest.fail("attn1 hooked"))
+    assert r.run.replays == 0 and r.run.am_calls == 0 and not r.run.am_skipped
+    assert r.info == {} and r.run.fm_calls == 4
+    fm_only = generate(unet, ON.replace(am_enabled=False), batch=2, reference=path == "reference")
+    assert torch.equal(r.out, fm_only.out)
+
+
+# ---- a hires checkpoint on the recompute path (defect 3) ----------------------------------
+def test_recompute_path_replays_through_the_hires_checkpoint():
+    first = sd1_like()
+    hires = copy.deepcopy(first)     # another checkpoint object (same weights: same maps)
+
+    def unload_first():              # A1111 moves the first-pass model away
+        first.forward = lambda *a, **k: pytest.fail("the first-pass UNet ran in the hires pass")
+
+    rec = generate(first, batch=2, hires_unet=hires)
+    rep = generate(first, ON.replace(record_budget_mb=0), batch=2, hires_unet=hires,
+                   between=unload_first)
+    assert rep.run.replays == 4 and rep.run.am_calls == rec.run.am_calls > 0
+    assert not rep.run.am_skipped and rep.info == {"FAM AM path": "recompute"}
+    assert torch.equal(rec.out, rep.out)
+
+
+@pytest.mark.parametrize("vp, hires_vp", [(False, True), (True, False)])
+def test_recompute_path_across_sampler_kinds(vp, hires_vp):
+    """Euler first pass, DDIM hires pass and back: replays convert σ/t and the latent space."""
+    unet = sd1_like()
+    rec = generate(unet, vp=vp, hires_vp=hires_vp)
+    rep = generate(unet, ON.replace(record_budget_mb=0), vp=vp, hires_vp=hires_vp)
+    assert rep.run.replays > 0 and not rep.run.am_skipped and rep.run.am_calls == rec.run.am_calls
+    torch.testing.assert_close(rep.out, rec.out, atol=1e-4, rtol=1e-4)
+
+
+# ---- SDXL size conditioning of native replays (defect 2) ----------------------------------
+class SizeEmbedder(nn.Module):
+    """sgm's ConcatTimestepEmbedderND in spirit: each value of the row sinusoidally embedded
+    in `outdim` dims, concatenated."""
+
+    def __init__(self, key, outdim=8):
+        super().__init__()
+        self.input_key, self.outdim = key, outdim
+
+    def forward(self, x):
+        freqs = torch.exp(-math.log(10000) * torch.arange(self.outdim // 2) / (self.outdim // 2))
+        args = x.float().reshape(-1)[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], -1)
+        return emb.reshape(x.shape[0], -1)
+
+
+class TextEmbedder(nn.Module):
+    input_key = "txt"
+
+    def forward(self, txt):
+        g = torch.Generator().manual_seed(len(txt))
+        return torch.randn(len(txt), 3, 8, generator=g), torch.randn(len(txt), 6, generator=g)
+
+
+class Conditioner(nn.Module):
+    """sgm's GeneralConditioner: 2-D outputs concatenated into `vector` in embedder order."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedders = nn.ModuleList([TextEmbedder(), SizeEmbedder("original_size_as_tuple"),
+                                        SizeEmbedder("crop_coords_top_left"),
+                                        SizeEmbedder("target_size_as_tuple")])
+
+    def forward(self, batch):
+        vectors = []
+        for e in self.embedders:
+            out = e(batch[e.input_key])
+            vectors += [o for o in (out if isinstance(out, tuple) else (out,)) if o.ndim == 2]
+        return torch.cat(vectors, 1)
+
+    def vector(self, height, width, rows=1):
+        return self({"txt": ["a"] * rows, "original_size_as_tuple": torch.tensor([[height, width]] * rows),
+                     "crop_coords_top_left": torch.tensor([[0, 0]] * rows),
+                     "target_size_as_tuple": torch.tensor([[height, width]] * rows)})
+
+
+def test_native_size_vector_is_what_a_native_pass_gets():
+    c = Conditioner()
+    hires, native = c.vector(2048, 1536, rows=2), c.vector(1024, 768, rows=2)
+    assert not torch.equal(hires, native)
+    torch.testing.assert_close(with_native_size(c, hires, 1024, 768), native, atol=0, rtol=0)
+    out = native_cond({"cond": {"crossattn": torch.zeros(2, 3, 8), "vector": hires}}, (128, 96), c)
+    torch.testing.assert_close(out["cond"]["vector"], native, atol=0, rtol=0)
+
+
+def test_reference_path_conditions_native_calls_on_the_native_size():
+    c = Conditioner()
+    hires_vector = c.vector(HIRES[0] * 8, HIRES[1] * 8)
+    r = generate(sdxl_like(), reference=True, conditioner=c,
+                 hires_kw=dict(vector=hires_vector, keep=True))
+    calls = [(hw, cond["vector"]) for hw, cond in r.cfg.model_wrap.seen]
+    native = [v for hw, v in calls if hw == NATIVE]
+    assert len(native) == 4 and r.run.am_calls > 0
+    assert all(torch.equal(v, c.vector(NATIVE[0] * 8, NATIVE[1] * 8).expand_as(v)) for v in native)
+    assert all(torch.equal(v, hires_vector.expand_as(v)) for hw, v in calls if hw == HIRES)
+
+
+# ---- hooks of other extensions on native replays (probable defect: ControlNet) -------------
+@pytest.mark.parametrize("path", ["recompute", "reference"])
+def test_a_unet_hook_holding_high_res_inputs_skips_am_instead_of_failing(path):
+    """A stand-in for ControlNet: its UNet hook adds a hint made for the high-res latent."""
+    unet = sd1_like()
+    native_sizes = []
+
+    def hint_hook():
+        def forward(x, context):
+            if tuple(x.shape[-2:]) != HIRES:
+                native_sizes.append(tuple(x.shape[-2:]))
+                x + torch.zeros(1, 1, *HIRES)          # the shape error ControlNet would raise
+            return type(unet).forward(unet, x, context)
+        unet.forward = forward
+
+    try:
+        r = generate(unet, ON.replace(record_budget_mb=0), reference=path == "reference",
+                     between=hint_hook)
+    finally:
+        unet.__dict__.pop("forward", None)
+    assert native_sizes == [NATIVE]                 # one try, then no more replays
+    assert torch.isfinite(r.out).all() and r.run.am_calls == 0 and r.run.fm_calls == 4
+    text = r.info["FAM AM skipped"]
+    assert text.startswith("12 of 12 calls") and "native-size UNet call failed (RuntimeError" in text
+
+
+def test_out_of_memory_in_a_replay_is_not_swallowed():
+    unet = sd1_like()
+
+    def oom():
+        def forward(x, context):
+            if tuple(x.shape[-2:]) != HIRES:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return type(unet).forward(unet, x, context)
+        unet.forward = forward
+
+    try:
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            generate(unet, reference=True, between=oom)
+    finally:
+        unet.__dict__.pop("forward", None)
+
+
+# ---- the refiner (probable defect: AM off for the whole hires pass) ------------------------
+@pytest.mark.parametrize("budget", [8192, 0], ids=["record", "recompute"])
+def test_refiner_in_the_first_pass_leaves_am_on_where_the_base_ran(budget):
+    unet = sd1_like()
+    r = generate(unet, ON.replace(record_budget_mb=budget),
+                 native_kw=dict(refiner_at=2, refiner=sdxl_like()))
+    per_call = len(r.gen.layers)
+    assert r.run.am_calls == 2 * per_call           # the hires steps at σ 14.6 and 4.0
+    assert r.info["FAM AM skipped"].startswith(f"{2 * per_call} of {4 * per_call} calls")
+    assert "no native record for this step" in r.info["FAM AM skipped"]
+    assert r.info["FAM note"] == "AM skipped on hires steps the refiner ran in the first pass"
+
+
+def test_refiner_in_the_hires_pass_turns_am_off_from_the_switch():
+    unet = sd1_like()
+    r = generate(unet, hires_kw=dict(refiner_at=2, refiner=sdxl_like()))
+    assert r.run.am_calls == 2 * len(r.gen.layers) and not r.run.am_skipped
+    assert r.info == {"FAM note": "AM off after the refiner switch"} and r.run.fm_calls == 4
+
+
+# ---- UniPC's corrector (probable defect: FM does not reach the sampler's state) ------------
+@pytest.mark.parametrize("kind", ["unipc", "ddim"])
+def test_fm_reaches_the_latent_the_sampler_continues_from(kind):
+    """FM only, on A1111's sampler shapes, against the spec written into the loop by hand:
+    the latent each step starts from is the FM latent."""
+    unet = sd1_like()
+    cond, uncond = conds()
+    g = torch.Generator().manual_seed(3)
+    z0, eps = torch.randn(1, 4, *HIRES, generator=g), torch.randn(1, 4, *HIRES, generator=g)
+    a = torch.cumprod(1 - BETAS, 0).float()[999]
+    start = a.sqrt() * z0 + (1 - a).sqrt() * eps
+    loop = {"unipc": a1111_like.unipc, "ddim": ddim}[kind]
+    params = ON.replace(am_enabled=False)
+
+    def by_hand(z, t):
+        s = SCHEDULE.t_to_sigma(t)
+        ref = noised_reference(z0, eps, s, vp=True)
+        z.copy_(frequency_modulate(z, ref, SCHEDULE.rho(s), NATIVE, params.fm_cutoff))
+
+    with torch.no_grad():
+        want = (a1111_like.unipc(CFG(unet, vp=True), start.clone(), TIMESTEPS, cond, uncond, fm=by_hand)
+                if kind == "unipc" else None)
+        gen = FamGeneration(params, discover(unet), SCHEDULE)
+        cfg = CFG(unet, vp=True)
+        progress = lambda d: None  # noqa: E731
+        sampler = SimpleNamespace(model_wrap_cfg=cfg, func=loop, callback_state=progress)
+        try:
+            gen.guide_hires(SimpleNamespace(sd_model=sd_model(unet)), sampler, z0, eps, True,
+                            native_hw=NATIVE)
+            wrapped = sampler.callback_state is not progress
+            got = loop(cfg, start.clone(), TIMESTEPS, cond, uncond, callback=sampler.callback_state)
+        finally:
+            gen.remove()
+    assert wrapped == (kind == "unipc") and sampler.callback_state is progress
+    if kind == "unipc":
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert gen.run.fm_calls == 4 + 3              # model inputs, then corrected latents
+    else:
+        assert gen.run.fm_calls == 5

@@ -68,7 +68,7 @@ def test_the_extension_side_never_imports_the_standalone_dependencies():
     """What the WebUI imports (and `python -m fam generate --help`) loads neither diffusers
     nor transformers: they are the optional `standalone` extra."""
     code = ("import sys, contextlib, io\n"
-            "import fam, fam.params, fam.guidance, fam.layers, fam.hosts.a1111, fam.hosts.a1111_args\n"
+            "import fam, fam.params, fam.guidance, fam.layers, fam.hosts.a1111, fam.hosts.webui, fam.hosts.webui_args\n"
             "import fam.hosts.diffusers, fam.standalone.cli\n"
             "from fam.__main__ import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"

@@ -1,39 +1,39 @@
 """AUTOMATIC1111 host, torch level: FAM on an ldm/sgm UNet driven by the WebUI's CFG denoiser.
 
-What A1111 gives us and how this module fits it:
-  * one `CFGDenoiser` per sampler instance (a new sampler per pass). Its `forward(x, σ, …)`
-    gets the sampler's own latent, so FM edits `x` in place there; its inner model (the
-    k-diffusion `CompVisDenoiser` or the timestep denoiser) sees every UNet batch, so each
-    inner call opens a FAM call with its σ and row roles. Both are wrapped on the instance.
+What only A1111 needs on top of the WebUI-common generation (`webui.WebUIGeneration`):
+  * the CFG denoiser's inner model (k-diffusion `CompVisDenoiser` or the timestep denoiser)
+    sees every UNet batch, so each inner call opens a FAM call with its σ and row roles;
   * the UNet batch of one CFG step: per image its cond rows (one per AND sub-prompt), then
     one uncond row per image; A1111 may split it into several inner calls in ascending row
-    order, or drop the uncond rows: a `RowCursor` hands each call its slice of roles.
+    order, or drop the uncond rows: a `RowCursor` hands each call its slice of roles;
   * attention optimisations replace the CLASS `forward` of CrossAttention; `Attn1Hook` is an
     instance attribute that calls the layer's previous forward for every call FAM does not
-    handle, so SDP/xformers/sub-quadratic keep working and removal restores the layer.
-The WebUI-specific parts (which sampler, encoding images, errors) live in
-`scripts/fam_diffusion.py`; nothing here imports `modules`."""
+    handle, so SDP/xformers/sub-quadratic keep working and removal restores the layer;
+  * native replays (recompute and reference paths) run through the denoiser of the pass
+    being guided, so a hires checkpoint's UNet rebuilds the maps, and SDXL's size
+    conditioning is rebuilt for the native size.
+Nothing here imports `modules`."""
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..attention import am_self_attention
-from ..guidance import FamRun
-from ..layers import AttnLayer, UNetLayout
+from ..guidance import ReplayUnavailable
+from ..layers import AttnLayer, LayerSelectionError, UNetLayout, discover
 from ..params import FamParams
 from ..record import Role
 from ..schedule import VPSchedule, noised_reference
-from .a1111_args import FamRequestError
+from .webui import LATENT_FACTOR, WebUIGeneration, model_name
+from .webui_args import FamRequestError
 
-__all__ = ["cfg_roles", "cond_repeats", "RowCursor", "Attn1Hook", "FamGeneration",
-           "native_cond", "same_architecture", "reference_size"]
+__all__ = ["cfg_roles", "cond_repeats", "RowCursor", "Attn1Hook", "FamGeneration", "HOST",
+           "native_cond", "with_native_size", "same_architecture", "unet_layout"]
 
 
 def cfg_roles(repeats: Sequence[int], batch: int | None = None) -> list[Role]:
@@ -118,16 +118,67 @@ class Attn1Hook:
                 del self.module.forward
 
 
-def native_cond(kwargs: Mapping[str, Any], hw) -> dict:
+# ---- conditioning of a native-size call ----------------------------------------------------
+_SIZE_KEYS = ("original_size_as_tuple", "target_size_as_tuple")
+_FIXED_KEYS = {"crop_coords_top_left": 2, "aesthetic_score": 1}   # key: values per row
+
+
+def with_native_size(conditioner: Any, vector: torch.Tensor, height: int, width: int
+                     ) -> torch.Tensor:
+    """SDXL's `vector` with its original-size and target-size embeddings made for
+    height×width pixels, as the WebUI makes them for a pass at that size; the pooled text,
+    crop and aesthetic-score parts are kept. sgm's `GeneralConditioner` concatenates its
+    embedders' vector outputs in order and the size-like ones come after the text ones, so
+    they are found walking back from the end with the model's own embedders."""
+    out, end = vector.clone(), vector.shape[1]
+    for embedder in reversed(list(getattr(conditioner, "embedders", ()))):
+        key = getattr(embedder, "input_key", None)
+        if key not in _SIZE_KEYS and key not in _FIXED_KEYS:
+            break
+        values = [height, width] if key in _SIZE_KEYS else [0.0] * _FIXED_KEYS[key]
+        emb = embedder(torch.tensor([values], dtype=torch.float32, device=vector.device))
+        start = end - emb.shape[1]
+        if key in _SIZE_KEYS:
+            out[:, start:end] = emb.to(out.dtype)
+        end = start
+    return out
+
+
+def native_cond(kwargs: Mapping[str, Any], hw, conditioner: Any = None) -> dict:
     """Inner-model kwargs for a native-size call: spatial image conditioning (inpainting
-    models' `c_concat`) is resized to the native latent; everything else is size-free."""
+    models' `c_concat`) is resized to the native latent, and SDXL's size conditioning says
+    the native size; everything else is size-free."""
     cond = kwargs.get("cond")
-    if not isinstance(cond, Mapping) or "c_concat" not in cond:
+    if not isinstance(cond, Mapping):
         return dict(kwargs)
-    resized = [F.interpolate(t, size=tuple(hw), mode="bilinear", align_corners=False)
-               if isinstance(t, torch.Tensor) and t.ndim == 4 and t.shape[-2:] != (1, 1) else t
-               for t in cond["c_concat"]]
-    return {**kwargs, "cond": {**cond, "c_concat": resized}}
+    cond = dict(cond)
+    if "c_concat" in cond:
+        cond["c_concat"] = [
+            F.interpolate(t, size=tuple(hw), mode="bilinear", align_corners=False)
+            if isinstance(t, torch.Tensor) and t.ndim == 4 and t.shape[-2:] != (1, 1) else t
+            for t in cond["c_concat"]]
+    if isinstance(cond.get("vector"), torch.Tensor) and conditioner is not None:
+        h, w = (LATENT_FACTOR * n for n in hw)
+        cond["vector"] = with_native_size(conditioner, cond["vector"], h, w)
+    return {**kwargs, "cond": cond}
+
+
+# ---- the model ------------------------------------------------------------------------------
+def unet_layout(sd_model) -> UNetLayout:
+    unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+    if unet is None:
+        raise FamRequestError(f"FAM: {model_name(sd_model)} has no UNet (SD1.x, SD2.x, SDXL only)")
+    try:
+        return discover(unet)
+    except LayerSelectionError as e:
+        raise FamRequestError(f"FAM: {model_name(sd_model)}: {e}") from e
+
+
+def model_schedule(sd_model) -> VPSchedule:
+    try:
+        return VPSchedule(sd_model.alphas_cumprod)
+    except ValueError:  # downcast ᾱ (opts.use_downcasted_alpha_bar) can repeat values
+        return VPSchedule(sd_model.alphas_cumprod_original)
 
 
 def same_architecture(a: UNetLayout, b: UNetLayout) -> bool:
@@ -138,39 +189,49 @@ def same_architecture(a: UNetLayout, b: UNetLayout) -> bool:
     return sig(a) == sig(b)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _NativeCall:
-    """Replay payload of one recorded native inner-model call."""
+    """Replay payload of one recorded native inner-model call: its inputs in the units of
+    the denoiser that made it (σ and σ-space latent, or t and VP latent when `vp`)."""
     sigma: float
     roles: tuple[Role, ...]
-    hw: tuple[int, int]
-    call: Callable[[], Any]
+    x: torch.Tensor
+    sigma_in: torch.Tensor
+    kwargs: dict
+    vp: bool
+
+    def inputs(self, vp: bool, schedule: VPSchedule) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, σ or t) for a denoiser of the kind `vp` (the same UNet input either way)."""
+        if vp == self.vp:
+            return self.x, self.sigma_in
+        scale = math.sqrt(1.0 + self.sigma ** 2)   # VP latent = σ-space latent / √(1 + σ²)
+        x = self.x / scale if vp else self.x * scale
+        value = schedule.sigma_to_t(self.sigma) if vp else self.sigma
+        return x, torch.full_like(self.sigma_in, value)
 
 
-class FamGeneration:
-    """FAM for one batch of one generation (one `p.sample` call): owns the `FamRun`, the attn1
-    hooks and every instance patch, and takes them all off in `remove()`."""
+class FamGeneration(WebUIGeneration):
+    """FAM for one batch of one A1111 generation (one `p.sample` call): the attn1 hooks and the
+    inner-model wrapper on top of the WebUI-common generation."""
 
     def __init__(self, params: FamParams, layout: UNetLayout, schedule: VPSchedule,
                  model_name: str = "this model"):
-        self.params, self.layout, self.schedule = params, layout, schedule
-        self.layers = layout.am_layers(params.am_block_indices, model_name=model_name)
-        self.run = FamRun(params, self.layers, schedule)
+        super().__init__(params, layout.am_layers(params.am_block_indices, model_name=model_name),
+                         schedule)
+        self.layout = layout
         self.in_unet_call = False
-        self.notes: dict[str, str] = {}
-        self.mode = "idle"
         self._cursor = RowCursor()
         self._hooks: list[Attn1Hook] = []
-        self._patches: list[tuple[Any, str, bool, Any]] = []
-        self._am_off = False
         self._current = None
         self._ref = self._ref_eps = None
-        self._vp = False
+        self._conditioner = None
         self._hires_unet_calls = 0
-        self.error: BaseException | None = None
 
     # ---- install / remove ----------------------------------------------------------
     def install(self) -> None:
+        """The attn1 hooks of the AM layers (none when AM cannot change anything)."""
+        if not self.params.am_active:
+            return
         try:
             for layer in self.layers:
                 hook = Attn1Hook(self, layer)
@@ -181,19 +242,11 @@ class FamGeneration:
             raise
 
     def remove(self) -> None:
-        """Everything off, in reverse order; safe to call more than once."""
         for hook in reversed(self._hooks):
             hook.remove()
         self._hooks.clear()
-        for obj, attr, had_own, value in reversed(self._patches):
-            if had_own:
-                setattr(obj, attr, value)
-            else:
-                obj.__dict__.pop(attr, None)
-        self._patches.clear()
-        self.run.end()
-        self._current = self._ref = self._ref_eps = None
-        self.mode = "idle"
+        super().remove()
+        self._current = self._ref = self._ref_eps = self._conditioner = None
 
     def move_to(self, layout: UNetLayout, model_name: str) -> None:
         """The hires pass runs another UNet (a hires checkpoint): carry the hooks over when it
@@ -203,99 +256,58 @@ class FamGeneration:
                 f"FAM: the hires checkpoint {model_name} has a different architecture from the "
                 "first-pass model; FAM needs both passes on the same kind of model "
                 "(SD1.x, SD2.x or SDXL). Choose a hires checkpoint of the same kind or turn FAM off.")
+        hooked = bool(self._hooks)
         for hook in reversed(self._hooks):
             hook.remove()
         self._hooks.clear()
         self.layout = layout
         self.layers = layout.am_layers(self.params.am_block_indices, model_name=model_name)
-        self.install()
-
-    def _patch(self, obj: Any, attr: str, value: Any) -> None:
-        had_own = attr in obj.__dict__
-        self._patches.append((obj, attr, had_own, obj.__dict__.get(attr)))
-        setattr(obj, attr, value)
-
-    # ---- passes --------------------------------------------------------------------
-    def record_native(self, cfg: Any, vp: bool) -> None:
-        """First pass: record every UNet call of this sampler's denoiser."""
-        self.mode = "native"
-        self.run.begin_native()
-        self._wrap_denoiser(cfg, vp)
-
-    def guide_hires(self, cfg: Any, z0: torch.Tensor, eps: torch.Tensor, vp: bool,
-                    reference: torch.Tensor | None = None) -> None:
-        """High-res pass on this sampler's denoiser. z0: the latent the pass starts from (the
-        upscaled first-pass latent, or the encoded img2img input), eps: its noise. With
-        `reference` (clean native latents, B×C×h×w) there was no recorded native pass: the
-        native maps come from re-noising the reference at each σ (recompute path)."""
-        if reference is None and self.mode != "native":
-            raise FamRequestError("FAM: the high-res pass has no native pass to follow")
-        self.mode = "hires"
-        self._vp = vp
-        native_hw = None
-        if reference is not None:
-            native_hw = tuple(reference.shape[-2:])
-            self._ref = reference.to(z0.device, z0.dtype)
-            self._ref_eps = F.interpolate(eps.float(), size=native_hw, mode="nearest").to(eps.dtype)
-        self.run.begin_hires(z0, eps, vp=vp, replay_fn=self._replay, replay_can_stop=True,
-                             reference_native_hw=native_hw)
-        self._wrap_denoiser(cfg, vp)
-
-    def fail(self, cfg: Any, error: BaseException) -> None:
-        """Set-up of a pass failed where the WebUI swallows exceptions (script hooks): keep the
-        error, and make this sampler's first step raise it, so nothing runs half-way."""
-        self.error = error
-        if cfg is not None:
-            def raise_error(*args, **kwargs):
-                raise error
-            self._patch(cfg, "forward", raise_error)
+        if hooked:
+            self.install()
 
     def report(self) -> dict[str, str]:
-        """Infotext entries: the run's skips and paths, plus what only the host can see."""
-        run, notes = self.run, dict(self.notes)
-        if (self._hires_unet_calls and self.params.am_enabled and self.params.am_lambda > 0
-                and not self._am_off and run.am_calls == 0 and not run.am_skipped):
-            notes["FAM note"] = "AM did not run: the UNet never called its attn1 layers"
-        return {**run.report(), **notes}
+        out = super().report()
+        run = self.run
+        if (self._hires_unet_calls and self.params.am_active and not self._switched
+                and run.am_calls == 0 and not run.am_skipped):
+            out["FAM note"] = "AM did not run: the UNet never called its attn1 layers"
+        return out
 
-    # ---- the denoiser wrappers -----------------------------------------------------
-    def sigma_of(self, sigma: Any, vp: bool) -> float:
-        """σ of a denoiser call: k-diffusion passes σ, the timestep samplers pass t."""
-        s = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
-        return self.schedule.t_to_sigma(s) if vp else s
+    # ---- per pass ------------------------------------------------------------------
+    def _on_pass(self, p, sampler, reference) -> None:
+        if self.mode == "hires":
+            layout = unet_layout(p.sd_model)
+            if layout.layers[0].module is not self.layout.layers[0].module:
+                self.move_to(layout, model_name(p.sd_model))
+            self._conditioner = getattr(p.sd_model, "conditioner", None)
+            if reference is not None:
+                eps = self.noise
+                self._ref = reference.to(eps.device, eps.dtype)
+                self._ref_eps = F.interpolate(eps.float(), size=tuple(reference.shape[-2:]),
+                                              mode="nearest").to(eps.dtype)
+        self._wrap_inner(sampler.model_wrap_cfg)
 
-    def _wrap_denoiser(self, cfg: Any, vp: bool) -> None:
+    def _on_cfg_call(self, x, sigma, args, kwargs) -> None:
+        cond = kwargs["cond"] if "cond" in kwargs else (args[1] if len(args) > 1 else None)
+        self._cursor.reset(cfg_roles(cond_repeats(cond, x.shape[0]), x.shape[0]))
+
+    def _wrap_inner(self, cfg: Any) -> None:
         inner = cfg.inner_model
-        cfg_forward, inner_forward = cfg.forward, inner.forward
-
-        def forward(x, sigma, *args, **kwargs):
-            cond = kwargs["cond"] if "cond" in kwargs else (args[1] if len(args) > 1 else None)
-            self._cursor.reset(cfg_roles(cond_repeats(cond, x.shape[0]), x.shape[0]))
-            if self.mode == "hires":
-                self.run.guide_latent(x, self.sigma_of(sigma, vp))
-            try:
-                return cfg_forward(x, sigma, *args, **kwargs)
-            finally:
-                if getattr(cfg, "model_wrap", inner) is not inner and not self._am_off:
-                    self._am_off = True
-                    self.notes["FAM note"] = "AM off after the refiner switch"
+        inner_forward, vp = inner.forward, self._vp
 
         def inner_call(x, sigma, **kwargs):
-            if self._am_off:
-                return inner_forward(x, sigma, **kwargs)
             roles = tuple(self._cursor.take(x.shape[0]))
             s, hw = self.sigma_of(sigma, vp), tuple(x.shape[-2:])
             if self.mode == "native":
-                call = functools.partial(inner_forward, x, sigma, **kwargs)
-                self.run.begin_call(s, roles, hw, replay=_NativeCall(s, roles, hw, call))
+                payload = _NativeCall(s, roles, x, sigma, kwargs, vp)
+                self.run.begin_call(s, roles, hw, replay=payload)
             else:
                 self._hires_unet_calls += 1
                 self._current = (x, sigma, kwargs, roles, inner_forward)
                 self.run.begin_call(s, roles, hw)
             return self._unet(inner_forward, x, sigma, **kwargs)
 
-        self._patch(cfg, "forward", forward)
-        self._patch(inner, "forward", inner_call)
+        self.patch(inner, "forward", inner_call)
 
     def _unet(self, fn, *args, **kwargs):
         self.in_unet_call = True
@@ -305,26 +317,48 @@ class FamGeneration:
             self.in_unet_call = False
 
     def _replay(self, payload) -> None:
-        """FamRun's replay: re-run a recorded native call, or (reference path, payload = σ)
-        run the native UNet on the reference re-noised to σ for the current call's rows."""
-        if isinstance(payload, _NativeCall):
-            self.run.begin_call(payload.sigma, payload.roles, payload.hw)
-            self._unet(payload.call)
-            return
-        sigma = float(payload)
+        """FamRun's replay, through the denoiser of the pass being guided: re-run a recorded
+        native call, or (reference path, payload = σ) run the native-size UNet on the
+        reference re-noised to σ for the current call's rows."""
         x, sigma_in, kwargs, roles, forward = self._current
+        if isinstance(payload, _NativeCall):
+            z, s_in = payload.inputs(self._vp, self.schedule)
+            self.run.begin_call(payload.sigma, payload.roles, z.shape[-2:])
+            self._replay_unet(forward, z, s_in, payload.kwargs)
+            return
         if len(roles) != x.shape[0]:
             return  # rows without a role: no maps, the call is skipped and reported
+        sigma = float(payload)
         idx = [r.image for r in roles]
         z = noised_reference(self._ref[idx], self._ref_eps[idx], sigma, vp=self._vp).to(x.dtype)
         self.run.begin_call(sigma, roles, z.shape[-2:])
-        self._unet(forward, z, sigma_in, **native_cond(kwargs, z.shape[-2:]))
+        self._replay_unet(forward, z, sigma_in, native_cond(kwargs, z.shape[-2:], self._conditioner))
+
+    def _replay_unet(self, forward, z, sigma_in, kwargs) -> None:
+        """A native-size UNet call. Hooks of other extensions that hold high-res inputs
+        (ControlNet's hints) cannot take it: their shape error ends the replays of this pass
+        and AM is skipped with that reason, instead of failing the generation."""
+        try:
+            self._unet(forward, z, sigma_in, **kwargs)
+        except RuntimeError as e:
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:120]
+            raise ReplayUnavailable(
+                f"native-size UNet call failed ({type(e).__name__}: {first}); another "
+                "extension's UNet hook may need the high-res size") from e
 
 
-def reference_size(width: int, height: int, native: int, multiple: int = 8) -> tuple[int, int]:
-    """The native-resolution (w, h) of a target size: the target's aspect ratio at about
-    native² pixels, a multiple of 8 (one latent cell)."""
-    s = native / math.sqrt(width * height)
-    w = max(multiple, int(round(width * s / multiple)) * multiple)
-    h = max(multiple, int(round(height * s / multiple)) * multiple)
-    return w, h
+class A1111Host:
+    """`Host` for AUTOMATIC1111: one `FamGeneration` per batch on the loaded sd_model."""
+
+    def generation(self, p, params: FamParams) -> FamGeneration:
+        sd_model = p.sd_model
+        try:
+            return FamGeneration(params, unet_layout(sd_model), model_schedule(sd_model),
+                                 model_name(sd_model))
+        except LayerSelectionError as e:
+            raise FamRequestError(str(e)) from e
+
+
+HOST = A1111Host()

@@ -112,9 +112,11 @@ def _denoise(unet, scheduler, latents, timesteps, cond: CfgCond, guidance_scale:
              generator, schedule: VPSchedule, run: FamRun | None, record: bool):
     roles = cfg_roles(cond.batch)
     step_kw = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    guide = run is not None and not record
+    step_sigma = _guide_corrector(scheduler, run) if guide else [0.0]
     for t in timesteps:
-        sigma = _current_sigma(scheduler, t, schedule)
-        if run is not None and not record:
+        sigma = step_sigma[0] = _current_sigma(scheduler, t, schedule)
+        if guide:
             run.guide_latent(latents, sigma)
         inp = scheduler.scale_model_input(torch.cat([latents] * 2), t)
         if run is not None:
@@ -123,6 +125,24 @@ def _denoise(unet, scheduler, latents, timesteps, cond: CfgCond, guidance_scale:
         eps = eps_u + guidance_scale * (eps_c - eps_u)
         latents = scheduler.step(eps, t, latents, **step_kw).prev_sample
     return latents
+
+
+def _guide_corrector(scheduler, run: FamRun) -> list[float]:
+    """UniPC's corrector rebuilds the current latent inside `step()` from the previous one,
+    dropping FM's edit, and its predictor then starts from the rebuilt latent: FM edits that
+    one too, at the step's σ, so the sampler's own update uses the FM latent (spec §1 step 4).
+    Patches this pass's own scheduler instance; returns the cell the loop keeps at the σ of
+    the current step."""
+    step_sigma = [0.0]
+    correct = getattr(scheduler, "multistep_uni_c_bh_update", None)
+    if correct is not None:
+        def corrected(*args, **kwargs):
+            sample = correct(*args, **kwargs)
+            run.guide_latent(sample, step_sigma[0])
+            return sample
+
+        scheduler.multistep_uni_c_bh_update = corrected
+    return step_sigma
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""How FAM settings reach the AUTOMATIC1111 script: the positional UI/API args or a dict in
-`args[0]`, the infotext, and XYZ overrides, all decoded into one `FamParams`.
+"""How FAM settings reach a WebUI script (A1111 and every Forge): the positional UI/API args
+or a dict in `args[0]`, the infotext, and XYZ overrides, all decoded into one `FamParams`;
+and the error a request the WebUI cannot run raises.
 
-No WebUI import here: the script file passes plain values in, so CI tests this directly."""
+No WebUI import here: the script passes plain values in, so CI tests this directly."""
 
 from __future__ import annotations
 
@@ -10,21 +11,31 @@ from typing import Any, Mapping, Sequence
 
 from ..params import FamParamError, FamParams
 
+try:  # every WebUI serves its API with FastAPI (a gradio dependency)
+    from fastapi import HTTPException as _QuietApiError
+except ImportError:  # CI, standalone use: no web server to keep quiet
+    _QuietApiError = Exception
+
 __all__ = ["FamRequestError", "decode_args", "infotext_value", "fields", "XYZ_ATTR",
            "with_xyz_override", "apply_xyz_overrides"]
 
 XYZ_ATTR = "_fam_xyz"  # per-cell overrides live on the XYZ copy of p, never in a global
 
 
-class FamRequestError(ValueError):
-    """A FAM request the WebUI cannot run as asked. The A1111 API turns any exception with a
-    `status_code` attribute into that HTTP status with `detail` as the message, so the
-    client gets a 422 naming the problem instead of a 500 and a stack trace."""
+class FamRequestError(ValueError, _QuietApiError):
+    """A FAM request the WebUI cannot run as asked: the user's mistake, not a server error.
+    The WebUI API answers any exception with its `status_code` and `detail` (here 422 and the
+    message), and logs a traceback for every one that is not FastAPI's `HTTPException`; being
+    one, this error reaches the client as a 422 naming the problem and the log stays quiet."""
 
     def __init__(self, message: str):
-        super().__init__(message)
+        ValueError.__init__(self, message)
         self.status_code = 422
         self.detail = message
+        self.headers = None
+
+    def __str__(self) -> str:  # HTTPException would print "422: message"
+        return self.detail
 
 
 def fields() -> tuple[dataclasses.Field, ...]:

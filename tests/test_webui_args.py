@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fam.hosts.a1111_args import (FamRequestError, apply_xyz_overrides, decode_args,
+from fam.hosts.webui_args import (FamRequestError, apply_xyz_overrides, decode_args,
                                   infotext_value, with_xyz_override)
 from fam.params import FamParams
 

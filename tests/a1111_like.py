@@ -1,0 +1,501 @@
+"""Stand-ins for AUTOMATIC1111 1.10, small enough for CI.
+
+Torch level: the CFG denoiser and its inner model (A1111's batch layout: per image its cond
+rows, then the uncond rows; optionally split into several UNet calls or without the uncond
+rows), Euler / DDIM loops and a predictor-corrector loop shaped like A1111's UniPC.
+
+WebUI level (`MiniWebUI`): the few `modules.*` names `scripts/fam_diffusion.py` imports, with
+processing objects whose `sample` calls the script hooks in A1111's order (`process`, per
+batch `p.sample` → sampler created → `process_before_every_sampling` → first pass →
+`sample_hr_pass` → hires sampler → `process_before_every_sampling` → hires pass, then
+`postprocess`), a script runner that logs and swallows hook exceptions as A1111's does, and
+a VAE stand-in that samples its posterior with the global RNG."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fam.schedule import VPSchedule
+
+ROOT = Path(__file__).resolve().parents[1]
+BETAS = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+ALPHAS_CUMPROD = torch.cumprod(1 - BETAS, 0)
+SCHEDULE = VPSchedule(ALPHAS_CUMPROD)
+TIMESTEPS = [1, 251, 501, 751, 999]
+
+
+# ---- torch level --------------------------------------------------------------------------
+class Denoiser(nn.Module):
+    """k-diffusion form (CompVisDenoiser): σ in, x0 out; or timestep form (vp): t in, ε out.
+    `seen` keeps (latent hw, cond) of every call when `keep` is set."""
+
+    def __init__(self, unet, vp=False):
+        super().__init__()
+        self.unet, self.vp = unet, vp
+        self.keep, self.seen = False, []
+
+    def forward(self, x, sigma, cond):
+        if self.keep:
+            self.seen.append((tuple(x.shape[-2:]), cond))
+        context = cond["c_crossattn"][0]
+        if self.vp:
+            return self.unet(x, context)
+        c_in = (sigma ** 2 + 1) ** -0.5
+        return x - sigma[:, None, None, None] * self.unet(x * c_in[:, None, None, None], context)
+
+
+class CFG(nn.Module):
+    """Builds A1111's CFG batch and calls the inner model whole, in chunks of `split` rows,
+    or without the uncond rows. `vector` (SDXL's size conditioning) rides along in the cond
+    dict when given; `refiner_at` swaps the inner model for another UNet's before that call,
+    as A1111's refiner switch does; `keep` makes the inner model keep what it saw."""
+
+    def __init__(self, unet, vp=False, split=None, skip_uncond=False, vector=None,
+                 refiner_at=None, refiner=None, keep=False):
+        super().__init__()
+        self.model_wrap = Denoiser(unet, vp)
+        self.model_wrap.keep = keep
+        self.split, self.skip_uncond, self.vector = split, skip_uncond, vector
+        self.refiner_at, self.refiner = refiner_at, refiner
+        self.calls, self.rows_seen = 0, []
+
+    @property
+    def inner_model(self):
+        return self.model_wrap
+
+    def _cond(self, c, a, b):
+        cond = {"c_crossattn": [c[a:b]]}
+        if self.vector is not None:
+            cond["vector"] = self.vector.expand(c.shape[0], -1)[a:b]
+        return cond
+
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None):
+        if self.calls == self.refiner_at:
+            self.model_wrap = Denoiser(self.refiner, self.model_wrap.vp)
+        self.calls += 1
+        parts = cond.batch
+        B = len(parts)
+        x_in = torch.cat([x[i:i + 1].expand(len(p), -1, -1, -1) for i, p in enumerate(parts)] + [x])
+        s_in = torch.cat([sigma[i:i + 1].expand(len(p)) for i, p in enumerate(parts)] + [sigma])
+        c_in = torch.cat([torch.stack(p) for p in parts] + [uncond])
+        n = x_in.shape[0] - (B if self.skip_uncond else 0)
+        step = self.split or n
+        out = torch.cat([self.inner_model(x_in[a:min(a + step, n)], s_in[a:min(a + step, n)],
+                                          cond=self._cond(c_in, a, min(a + step, n)))
+                         for a in range(0, n, step)])
+        self.rows_seen.append(out.shape[0])
+        uncond_out = out[-B:] if not self.skip_uncond else out[:B]
+        den, at = [], 0
+        for i, p in enumerate(parts):
+            cond_out = out[at:at + len(p)].mean(0)
+            den.append(uncond_out[i] + cond_scale * (cond_out - uncond_out[i]))
+            at += len(p)
+        return torch.stack(den)
+
+
+def conds(batch=1, parts=1, seed=0, dim=8):
+    g = torch.Generator().manual_seed(seed)
+    multicond = SimpleNamespace(batch=[[torch.randn(3, dim, generator=g) for _ in range(parts)]
+                                       for _ in range(batch)])
+    return multicond, torch.randn(batch, 3, dim, generator=g)
+
+
+def sigmas(steps=4):
+    return torch.tensor([14.6, 4.0, 1.2, 0.3][:steps] + [0.0], dtype=torch.float32)
+
+
+def euler(cfg, x, sig, cond, uncond, scale=5.0, callback=None):
+    for i in range(len(sig) - 1):
+        s = sig[i] * x.new_ones(x.shape[0])
+        den = cfg(x, s, uncond=uncond, cond=cond, cond_scale=scale)
+        if callback is not None:
+            callback({"x": x, "i": i, "denoised": den})
+        x = x + (x - den) / sig[i] * (sig[i + 1] - sig[i])
+    return x
+
+
+def ddim(cfg, x, ts, cond, uncond, scale=5.0, callback=None):
+    ac = ALPHAS_CUMPROD.float()
+    for i in reversed(range(len(ts))):
+        t = ts[i]
+        e = cfg(x, torch.full((x.shape[0],), float(t)), uncond=uncond, cond=cond, cond_scale=scale)
+        a, a_prev = ac[t], (ac[ts[i - 1]] if i else torch.tensor(1.0))
+        x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
+        if callback is not None:
+            callback({"x": x, "i": len(ts) - 1 - i, "denoised": x0})
+    return x
+
+
+def unipc(cfg, x, ts, cond, uncond, scale=5.0, callback=None, fm=None):
+    """Shaped like A1111's UniPC (data prediction, VP): the model is called at the predictor's
+    latent; the corrector then rebuilds that latent from the previous one and the model
+    outputs (not from the latent the model saw), hands it to `callback` and the next step
+    starts from it; the last step has no corrector. `fm(x, t)`, when given, is the spec's
+    FM written into this loop by hand: on the model's input and on the corrected latent."""
+    ac = ALPHAS_CUMPROD.float()
+    alpha, sigma = (lambda t: ac[t].sqrt()), (lambda t: (1 - ac[t]).sqrt())
+
+    def model(z, t):
+        if fm is not None:
+            fm(z, t)
+        e = cfg(z, torch.full((z.shape[0],), float(t)), uncond=uncond, cond=cond, cond_scale=scale)
+        return (z - sigma(t) * e) / alpha(t)
+
+    order = list(reversed(ts))
+    m_prev = model(x, order[0])
+    for k, t in enumerate(order[1:], start=1):
+        t_prev = order[k - 1]
+        base = sigma(t) / sigma(t_prev) * x + (alpha(t) - sigma(t) / sigma(t_prev) * alpha(t_prev)) * m_prev
+        x_p = base.clone()
+        if k == len(order) - 1:               # final step: predictor only
+            x = x_p
+            if callback is not None:
+                callback({"x": x, "i": k - 1, "denoised": None})
+            break
+        m = model(x_p, t)
+        x = base + 0.5 * alpha(t) * (m - m_prev)   # corrector, from the previous latent
+        if fm is not None:
+            fm(x, t)
+        if callback is not None:
+            callback({"x": x, "i": k - 1, "denoised": m})
+        m_prev = m
+    return x
+
+
+# ---- the WebUI ----------------------------------------------------------------------------
+def sd_model(unet, title="tiny.safetensors", **flags):
+    """The parts of an sd_model FAM reads."""
+    return SimpleNamespace(model=SimpleNamespace(diffusion_model=unet),
+                           alphas_cumprod=ALPHAS_CUMPROD.float(),
+                           sd_checkpoint_info=SimpleNamespace(title=title), **flags)
+
+
+class MiniWebUI:
+    """A fresh miniature A1111 (its own `modules` objects) with the FAM script loaded."""
+
+    def __init__(self):
+        self.state = SimpleNamespace(interrupted=False)
+        self.opts = SimpleNamespace(sd_vae_encode_method="Full")
+        self.logged: list[str] = []          # what A1111 would print as "*** Error running …"
+        self.encodes = 0
+        self.xyz = self._xyz_module()
+        self.modules = self._modules()
+        self.script_module = self._load_script()
+        self.Script = self.script_module.FamScript
+
+    # ---- modules ---------------------------------------------------------------------
+    def _xyz_module(self):
+        m = types.ModuleType("xyz_grid")
+        m.AxisOption = lambda label, type, apply, choices=None: SimpleNamespace(
+            label=label, type=type, apply=apply, choices=choices)
+        m.boolean_choice = lambda reverse=False: (lambda: ["False", "True"])
+        m.axis_options = []
+        return m
+
+    def _modules(self):
+        web = self
+        mods = {name: types.ModuleType(name) for name in (
+            "modules", "modules.images", "modules.processing", "modules.script_callbacks",
+            "modules.scripts", "modules.sd_samplers_common", "modules.sd_samplers_timesteps",
+            "modules.shared", "modules.infotext_utils", "modules.ui_components", "gradio")}
+
+        class Script:
+            def elem_id(self, item):
+                return f"script_fam_diffusion_{item}"
+
+        class XyzScript:
+            pass
+        XyzScript.__module__ = "xyz_grid.py"
+        scripts = mods["modules.scripts"]
+        scripts.Script, scripts.AlwaysVisible = Script, object()
+        scripts.scripts_data = [SimpleNamespace(script_class=XyzScript, module=self.xyz)]
+        mods["modules.script_callbacks"].on_before_ui = lambda fn: None
+        mods["modules.shared"].opts = self.opts
+        mods["modules.shared"].state = self.state
+        mods["modules.images"].resize_image = lambda mode, im, w, h: im.resize((w, h))
+
+        def images_tensor_to_samples(batch, approximation=None, model=None):
+            web.encodes += 1
+            rgb = F.avg_pool2d(batch.float(), 8) * 2 - 1
+            z = torch.cat([rgb, rgb.mean(1, keepdim=True)], 1)
+            return z + 0.05 * torch.randn_like(z)   # the posterior sample: global RNG
+        common = mods["modules.sd_samplers_common"]
+        common.approximation_indexes = {"Full": 0}
+        common.images_tensor_to_samples = images_tensor_to_samples
+        mods["modules.sd_samplers_timesteps"].CompVisSampler = CompVisSampler
+        processing = mods["modules.processing"]
+        processing.StableDiffusionProcessingTxt2Img = Txt2Img
+        processing.StableDiffusionProcessingImg2Img = Img2Img
+        mods["modules.infotext_utils"].PasteField = lambda component, target: (component, target)
+        mods["modules.ui_components"].InputAccordion = _Accordion
+        gr = mods["gradio"]
+        for name in ("HTML", "Checkbox", "Textbox", "Slider"):
+            setattr(gr, name, _component(name))
+        gr.Row = _Block
+        for name in ("images", "processing", "script_callbacks", "scripts", "sd_samplers_common",
+                     "sd_samplers_timesteps", "shared", "infotext_utils", "ui_components"):
+            setattr(mods["modules"], name, mods[f"modules.{name}"])
+        return mods
+
+    def _load_script(self):
+        saved = {k: sys.modules.get(k) for k in self.modules}
+        sys.modules.update(self.modules)
+        try:
+            spec = importlib.util.spec_from_file_location(
+                f"fam_diffusion_script_{id(self)}", ROOT / "scripts" / "fam_diffusion.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    sys.modules.pop(k, None)
+                else:
+                    sys.modules[k] = v
+
+    # ---- jobs ------------------------------------------------------------------------
+    def txt2img(self, model, args=(), **kw):
+        return Txt2Img(self, model, args, **kw)
+
+    def img2img(self, model, args=(), **kw):
+        return Img2Img(self, model, args, **kw)
+
+    def process_images(self, p):
+        """process_images_inner's order, one batch per iteration. The global RNG (which the
+        VAE stand-in samples from) starts from the job's seed, so jobs repeat exactly."""
+        self.state.interrupted = False
+        torch.manual_seed(p.seed)
+        p.scripts.process(p)
+        out, infotexts = [], []
+        with torch.no_grad():
+            p.init()
+            for n in range(p.n_iter):
+                if self.state.interrupted:
+                    break
+                p.iteration = n
+                p.seeds = [p.seed + n * p.batch_size + i for i in range(p.batch_size)]
+                samples = p.sample(conditioning=p.c, unconditional_conditioning=p.uc,
+                                   seeds=p.seeds, subseeds=p.seeds, subseed_strength=0,
+                                   prompts=["a"] * p.batch_size)
+                infotexts.append(dict(p.extra_generation_params))
+                out.append(samples)
+        processed = SimpleNamespace(samples=out, infotexts=infotexts)
+        p.scripts.postprocess(p, processed)
+        return processed
+
+
+class _Block:
+    def __init__(self, *a, **k):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Accordion(_Block):
+    def __init__(self, value, label=None, elem_id=None):
+        self.value, self.label, self.elem_id = value, label, elem_id
+        self.accordion = SimpleNamespace()
+
+
+def _component(kind):
+    def make(*args, **kw):
+        return SimpleNamespace(kind=kind, args=args, **kw)
+    return make
+
+
+class Runner:
+    """`p.scripts` for the FAM script alone; hook exceptions are logged and swallowed, as
+    A1111's ScriptRunner does."""
+
+    def __init__(self, web, args):
+        self.web, self.script, self.args = web, web.Script(), tuple(args)
+
+    def _call(self, name, p, *a, **kw):
+        try:
+            getattr(self.script, name)(p, *a, **kw)
+        except Exception as e:
+            self.web.logged.append(f"Error running {name}: {type(e).__name__}: {e}")
+
+    def process(self, p):
+        self._call("process", p, *self.args)
+
+    def process_before_every_sampling(self, p, **kw):
+        self._call("process_before_every_sampling", p, *self.args, **kw)
+
+    def before_hr(self, p):
+        pass
+
+    def postprocess(self, p, processed):
+        self._call("postprocess", p, processed, *self.args)
+
+
+class KDiffusionSampler:
+    def __init__(self, funcname, model, p):
+        self.func = {"euler": euler}[funcname]
+        self.model_wrap_cfg = CFG(model.model.diffusion_model, **p.cfg_kw())
+        self.callbacks = 0
+
+    def callback_state(self, d):
+        self.callbacks += 1
+
+    def _run(self, p, x, sig, c, uc):
+        return self.func(self.model_wrap_cfg, x, sig, c, uc, p.cfg_scale, self.callback_state)
+
+    def sample(self, p, x, c, uc, steps=None, image_conditioning=None):
+        sig = sigmas(steps or p.steps)
+        return self._run(p, x * sig[0], sig, c, uc)
+
+    def sample_img2img(self, p, x, noise, c, uc, steps=None, image_conditioning=None):
+        sig = sigmas(steps or p.steps)
+        sig = sig[len(sig) - 1 - max(1, round((len(sig) - 1) * p.denoising_strength)):]
+        return self._run(p, x + noise * sig[0], sig, c, uc)
+
+
+class CompVisSampler(KDiffusionSampler):
+    def __init__(self, funcname, model, p):
+        self.func = {"ddim": ddim, "unipc": unipc}[funcname]
+        self.model_wrap_cfg = CFG(model.model.diffusion_model, vp=True, **p.cfg_kw())
+        self.callbacks = 0
+
+    def _run(self, p, x, ts, c, uc):
+        return self.func(self.model_wrap_cfg, x, ts, c, uc, p.cfg_scale, self.callback_state)
+
+    def sample(self, p, x, c, uc, steps=None, image_conditioning=None):
+        return self._run(p, x, TIMESTEPS, c, uc)
+
+    def sample_img2img(self, p, x, noise, c, uc, steps=None, image_conditioning=None):
+        n = max(1, round(len(TIMESTEPS) * p.denoising_strength))
+        ts = TIMESTEPS[:n]
+        a = ALPHAS_CUMPROD.float()[ts[-1]]
+        return self._run(p, a.sqrt() * x + (1 - a).sqrt() * noise, ts, c, uc)
+
+
+SAMPLERS = {"Euler": (KDiffusionSampler, "euler"), "DDIM": (CompVisSampler, "ddim"),
+            "UniPC": (CompVisSampler, "unipc")}
+
+
+class Processing:
+    def __init__(self, web, model, args, width=64, height=64, steps=4, batch_size=1, n_iter=1,
+                 seed=1, sampler_name="Euler", parts=1, cfg_scale=5.0, denoising_strength=0.7):
+        self.web, self.sd_model = web, model
+        self.scripts = Runner(web, args)
+        self.width, self.height, self.steps = width, height, steps
+        self.batch_size, self.n_iter, self.seed = batch_size, n_iter, seed
+        self.sampler_name, self.cfg_scale = sampler_name, cfg_scale
+        self.denoising_strength = denoising_strength
+        self.c, self.uc = conds(batch_size, parts)
+        self.extra_generation_params = {}
+        self.sampler = None
+
+    def create_sampler(self, name):
+        kind, func = SAMPLERS[name]
+        return kind(func, self.sd_model, self)
+
+    def cfg_kw(self):
+        """Options of the CFG stand-in for the sampler made now (tests set `cfg_kw_for`)."""
+        make = getattr(self, "cfg_kw_for", None)
+        return make(self) if make else {}
+
+    def noise(self, hw):
+        return torch.stack([torch.randn(4, *hw, generator=torch.Generator().manual_seed(s))
+                            for s in self.seeds])
+
+    def init(self):
+        pass
+
+
+class Txt2Img(Processing):
+    def __init__(self, web, model, args, enable_hr=True, hr_scale=2, hr_upscaler="Latent",
+                 hr_sampler_name=None, hr_model=None, firstpass_image=None,
+                 interrupt_after_first_pass=False, **kw):
+        super().__init__(web, model, args, **kw)
+        self.enable_hr, self.hr_scale, self.hr_upscaler = enable_hr, hr_scale, hr_upscaler
+        self.hr_sampler_name, self.hr_model = hr_sampler_name, hr_model
+        self.firstpass_image = firstpass_image
+        self.interrupt_after_first_pass = interrupt_after_first_pass
+        self.hr_upscale_to_x, self.hr_upscale_to_y = int(self.width * hr_scale), int(self.height * hr_scale)
+        self.truncate_x = self.truncate_y = 0
+        self.latent_scale_mode = ({"mode": "bilinear", "antialias": False}
+                                  if hr_upscaler.startswith("Latent") else None)
+        self.is_hr_pass = False
+
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength,
+               prompts):
+        self.sampler = self.create_sampler(self.sampler_name)
+        if self.firstpass_image is not None and self.enable_hr:   # the ✨ upscale button
+            decoded = samples = None
+            image = torch.from_numpy(np.asarray(self.firstpass_image, dtype=np.float32) / 255.0)
+            image = image.permute(2, 0, 1)[None]
+            if self.latent_scale_mode is None:
+                decoded = image
+            else:
+                samples = self.web.modules["modules.sd_samplers_common"].images_tensor_to_samples(image)
+        else:
+            x = self.noise((self.height // 8, self.width // 8))
+            self.scripts.process_before_every_sampling(self, x=x, noise=x, c=conditioning,
+                                                       uc=unconditional_conditioning)
+            samples = self.sampler.sample(self, x, conditioning, unconditional_conditioning)
+            if hasattr(self, "after_first_pass"):
+                self.after_first_pass()
+            if self.interrupt_after_first_pass:
+                self.web.state.interrupted = True
+            if not self.enable_hr:
+                return samples
+            decoded = None
+        if self.hr_model is not None:    # reload_model_weights(hr_checkpoint_info)
+            self.sd_model = self.hr_model
+        return self.sample_hr_pass(samples, decoded, seeds, subseeds, subseed_strength, prompts)
+
+    def sample_hr_pass(self, samples, decoded_samples, seeds, subseeds, subseed_strength, prompts):
+        if self.web.state.interrupted:
+            return samples
+        self.is_hr_pass = True
+        self.sampler = self.create_sampler(self.hr_sampler_name or self.sampler_name)
+        hw = (self.hr_upscale_to_y // 8, self.hr_upscale_to_x // 8)
+        if self.latent_scale_mode is not None:
+            samples = F.interpolate(samples, size=hw, mode="bilinear")
+        else:
+            image = F.interpolate(decoded_samples, size=(hw[0] * 8, hw[1] * 8), mode="bicubic")
+            samples = self.web.modules["modules.sd_samplers_common"].images_tensor_to_samples(image)
+        noise = self.noise(hw)
+        self.scripts.before_hr(self)
+        self.scripts.process_before_every_sampling(self, x=samples, noise=noise, c=self.c, uc=self.uc)
+        samples = self.sampler.sample_img2img(self, samples, noise, self.c, self.uc)
+        self.is_hr_pass = False
+        return samples
+
+
+class Img2Img(Processing):
+    def __init__(self, web, model, args, init_images=(), image_mask=None, resize_mode=0, **kw):
+        super().__init__(web, model, args, **kw)
+        self.init_images, self.image_mask, self.resize_mode = list(init_images), image_mask, resize_mode
+
+    def init(self):
+        self.sampler = self.create_sampler(self.sampler_name)
+        arrays = [np.asarray(im.convert("RGB").resize((self.width, self.height)), dtype=np.float32)
+                  / 255.0 for im in self.init_images]
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        latents = self.web.modules["modules.sd_samplers_common"].images_tensor_to_samples(batch)
+        self.init_latent = latents.expand(self.batch_size, -1, -1, -1) if len(arrays) == 1 else latents
+
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength,
+               prompts):
+        x = self.noise(tuple(self.init_latent.shape[-2:]))
+        self.scripts.process_before_every_sampling(self, x=self.init_latent, noise=x,
+                                                   c=conditioning, uc=unconditional_conditioning)
+        return self.sampler.sample_img2img(self, self.init_latent, x, conditioning,
+                                           unconditional_conditioning)
