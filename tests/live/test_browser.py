@@ -15,21 +15,26 @@ import time
 
 import pytest
 
-from fam.params import FamParams
-
 URL = os.environ.get("FAM_A1111_UI_URL", "").rstrip("/")
 CHROMIUM = os.environ.get("FAM_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("FAM_CHROMEDRIVER", "/usr/bin/chromedriver")
 SHOTS = os.environ.get("FAM_SCREENSHOTS")
 pytestmark = pytest.mark.skipif(not URL, reason="FAM_A1111_UI_URL is not set")
 
-FIELDS = {f.name: f for f in FamParams.__dataclass_fields__.values()}
 TXT2IMG_HINT = "FAM works inside Hires. fix"
 NO_HIRES_ERROR = "FAM Diffusion runs in the Hires. fix pass"
 
 
 def fam_id(tab, name):
     return f"script_{tab}_fam_diffusion_{name}"
+
+
+@pytest.fixture(scope="module")
+def fields():
+    """FamParams' fields: the labels, defaults and tooltips the UI must show. Imported here,
+    not at collection: tests/live is collected in the WebUI's Python with only pytest."""
+    from fam.params import FamParams
+    return {f.name: f for f in FamParams.__dataclass_fields__.values()}
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +126,13 @@ class Page:
 
 
 @pytest.mark.parametrize("tab", ["txt2img", "img2img"])
-def test_accordion_controls_labels_defaults_and_tooltips(page, tab):
+def test_accordion_controls_labels_defaults_and_tooltips(page, fields, tab):
     accordion = fam_id(tab, "enabled")
     assert page.js("return gradioApp().getElementById(arguments[0]).closest('.accordions')"
                    ".id", accordion) == f"{tab}_accordions"          # beside Hires. fix & co.
     assert page.text(accordion).strip().startswith("FAM Diffusion")
-    assert page.el(accordion).get_attribute("title") == FIELDS["enabled"].metadata["doc"]
-    for name, f in FIELDS.items():
+    assert page.el(accordion).get_attribute("title") == fields["enabled"].metadata["doc"]
+    for name, f in fields.items():
         if name == "enabled":
             continue
         elem_id = fam_id(tab, name)
