@@ -135,3 +135,20 @@ def test_cuda_offloaded_record_equals_device_record():
         assert r.run.am_calls > 0 and not r.run.am_skipped
         out[offload] = r.hires
     torch.testing.assert_close(out[True], out[False], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@pytest.mark.parametrize("budget", [8192, 0], ids=["record", "recompute"])
+def test_guidance_one_evaluates_only_the_cond_rows(unets, arch, budget):
+    unet = unets[arch]
+    rows = []
+    hook = unet.conv_in.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+    try:
+        params = FamParams(enabled=True, record_budget_mb=budget)
+        one = run(unet, arch, params=params, batch=2, guidance_scale=1.0)
+    finally:
+        hook.remove()
+    assert set(rows) == {2} and one.run.am_calls > 0 and not one.run.am_skipped
+    both = run(unet, arch, params=params, batch=2, guidance_scale=1.0 + 1e-6)   # two branches
+    torch.testing.assert_close(one.native, both.native, atol=1e-4, rtol=0)
+    torch.testing.assert_close(one.hires, both.hires, atol=1e-4, rtol=0)

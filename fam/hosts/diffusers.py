@@ -77,6 +77,12 @@ class CfgCond:
     def batch(self) -> int:
         return self.states.shape[0] // 2
 
+    def cond_rows(self) -> "CfgCond":
+        """The cond half alone: what a UNet call needs when guidance is 1."""
+        b = self.batch
+        added = None if self.added is None else {k: v[b:] for k, v in self.added.items()}
+        return CfgCond(self.states[b:], added)
+
 
 def cfg_roles(batch: int) -> list[Role]:
     return [Role(i, uncond=True) for i in range(batch)] + [Role(i) for i in range(batch)]
@@ -108,9 +114,17 @@ def _unet_call(unet, x, t, cond: CfgCond):
     return unet(x, t, encoder_hidden_states=cond.states, added_cond_kwargs=cond.added).sample
 
 
+def _unet_batch(cond: CfgCond, guidance_scale: float) -> tuple[CfgCond, list[Role], int]:
+    """Conditioning, row roles and latent copies of one UNet call: both CFG branches, or
+    only the cond rows when guidance is 1 (the uncond branch would cancel exactly)."""
+    if guidance_scale == 1.0:
+        return cond.cond_rows(), [Role(i) for i in range(cond.batch)], 1
+    return cond, cfg_roles(cond.batch), 2
+
+
 def _denoise(unet, scheduler, latents, timesteps, cond: CfgCond, guidance_scale: float,
              generator, schedule: VPSchedule, run: FamRun | None, record: bool):
-    roles = cfg_roles(cond.batch)
+    call_cond, roles, copies = _unet_batch(cond, guidance_scale)
     step_kw = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     guide = run is not None and not record
     step_sigma = _guide_corrector(scheduler, run) if guide else [0.0]
@@ -118,12 +132,15 @@ def _denoise(unet, scheduler, latents, timesteps, cond: CfgCond, guidance_scale:
         sigma = step_sigma[0] = _current_sigma(scheduler, t, schedule)
         if guide:
             run.guide_latent(latents, sigma)
-        inp = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        inp = scheduler.scale_model_input(torch.cat([latents] * copies), t)
         if run is not None:
-            run.begin_call(sigma, roles, latents.shape[-2:], replay=(sigma, inp, t) if record else None)
-        eps_u, eps_c = _unet_call(unet, inp, t, cond).chunk(2)
-        eps = eps_u + guidance_scale * (eps_c - eps_u)
-        latents = scheduler.step(eps, t, latents, **step_kw).prev_sample
+            run.begin_call(sigma, roles, latents.shape[-2:],
+                           replay=(sigma, inp, t, call_cond, roles) if record else None)
+        out = _unet_call(unet, inp, t, call_cond)
+        if copies == 2:
+            eps_u, eps_c = out.chunk(2)
+            out = eps_u + guidance_scale * (eps_c - eps_u)
+        latents = scheduler.step(out, t, latents, **step_kw).prev_sample
     return latents
 
 
@@ -163,7 +180,8 @@ def generate(unet, scheduler, cond: CfgCond, *, native_hw, hires_hw, steps: int,
              progress: Progress | None = None) -> FamResult:
     """Native pass at `native_hw` (latent size), then a high-res pass at `hires_hw` from the
     bicubic-upsampled native latent: with FAM when `params.enabled`, else a plain Hires fix
-    (same noise, steps and schedule). `full_renoise` forces denoising strength 1.0.
+    (same noise, steps and schedule). `full_renoise` forces denoising strength 1.0. With
+    `guidance_scale` 1 only the cond rows of `cond` are evaluated.
 
     `seed`: one generator for the whole batch, or one seed per image, so that image i of a
     batch is the image a batch of one makes with seed[i]. `progress(pass_name, timesteps)`
@@ -218,7 +236,7 @@ def generate(unet, scheduler, cond: CfgCond, *, native_hw, hires_hw, steps: int,
             x = noised_reference(z0, eps, sigma0, vp=vp)
             if run:
                 run.begin_hires(z0, eps, vp=vp, replay_can_stop=True,
-                                replay_fn=lambda payload: _replay(unet, run, cond, payload))
+                                replay_fn=lambda payload: _replay(unet, run, payload))
             z_hires = _denoise(unet, hires_sched, x, steps_of("hires", hires_timesteps),
                                hires_cond, guidance_scale, gen, schedule, run, record=False)
             return FamResult(z_native, z_hires, run, run.report() if run else {})
@@ -227,7 +245,7 @@ def generate(unet, scheduler, cond: CfgCond, *, native_hw, hires_hw, steps: int,
                 run.end()
 
 
-def _replay(unet, run: FamRun, cond: CfgCond, payload) -> None:
-    sigma, inp, t = payload
-    run.begin_call(sigma, cfg_roles(cond.batch), inp.shape[-2:])
+def _replay(unet, run: FamRun, payload) -> None:
+    sigma, inp, t, cond, roles = payload
+    run.begin_call(sigma, roles, inp.shape[-2:])
     _unet_call(unet, inp, t, cond)

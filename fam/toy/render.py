@@ -1,0 +1,112 @@
+"""Load a shipped toy model and render the methods the quality benchmark compares, for
+given seeds: one call gives the native images and any of plain sampling at the target size,
+plain Hires fix and FAM (full or ablated), all from the same native pass and noise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from ..params import FamParams
+from .model import CHECKPOINTS, load_checkpoint, make_scheduler
+from .worlds import WORLDS, World
+
+__all__ = ["Method", "METHODS", "ToyModel", "load", "to_image"]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    params: FamParams | None = None      # None: not a high-res pass from the native image
+    strength: float = 1.0                # plain Hires fix denoising strength
+
+
+METHODS = {m.name: m for m in (
+    Method("native", "native (training size)"),
+    Method("direct", "direct at target size"),
+    Method("hires_1.0", "Hires fix, strength 1.0", FamParams(), 1.0),
+    Method("hires_0.5", "Hires fix, strength 0.5", FamParams(), 0.5),
+    Method("fam", "FAM (defaults)", FamParams(enabled=True)),
+    Method("fm_only", "FAM, FM only", FamParams(enabled=True, am_enabled=False)),
+    Method("am_only", "FAM, AM only", FamParams(enabled=True, fm_enabled=False)),
+)}
+
+
+def to_image(x: torch.Tensor) -> torch.Tensor:
+    """Model space [-1, 1] → image space [0, 1]."""
+    return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
+
+
+@dataclass
+class ToyModel:
+    world: World
+    unet: torch.nn.Module
+    scheduler: object
+    prompt: torch.Tensor             # the fixed conditioning, (1, 2, 16)
+    native: int                      # training size in pixels (= latent size: no VAE)
+    steps: int
+    guidance_scale: float
+    meta: dict
+
+    def cond(self, batch: int):
+        """CFG conditioning for `batch` images: the world has one "prompt", used for both
+        branches (guidance 1 samples the model as trained)."""
+        from ..hosts.diffusers import CfgCond
+        return CfgCond(self.prompt.expand(2 * batch, -1, -1).contiguous())
+
+    def render(self, methods: Iterable[str], scale: float, seed: int, batch: int = 1,
+               progress=None) -> dict[str, torch.Tensor]:
+        """Images (batch, 3, H, W) in [0, 1] per method. The native pass depends only on
+        (seed, batch), so every method shares it and the high-res noise; `progress()` is
+        called after each method."""
+        from ..hosts.diffusers import generate
+        methods = list(methods)
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        hw = (round(self.native * scale),) * 2
+        out: dict[str, torch.Tensor] = {}
+        for name in methods:
+            m = METHODS[name]
+            if name == "direct":
+                out[name] = to_image(self.sample(hw, seed, batch))
+            elif m.params is not None:
+                r = generate(self.unet, self.scheduler, self.cond(batch), native_hw=(self.native,) * 2,
+                             hires_hw=hw, steps=self.steps, params=m.params,
+                             guidance_scale=self.guidance_scale, seed=seed,
+                             denoising_strength=m.strength)
+                out[name] = to_image(r.hires)
+                out.setdefault("native", to_image(r.native))
+            if progress is not None and name != "native":
+                progress()
+        if "native" in methods and "native" not in out:
+            out["native"] = to_image(self.sample((self.native,) * 2, seed, batch))
+        if "native" in methods and progress is not None:
+            progress()
+        return {name: out[name] for name in methods}
+
+    @torch.inference_mode()
+    def sample(self, hw, seed: int, batch: int = 1) -> torch.Tensor:
+        """Plain sampling at latent size `hw` (model space); at the native size this is the
+        native pass of `generate` with the same seed."""
+        from ..hosts.diffusers import generate
+        r = generate(self.unet, self.scheduler, self.cond(batch), native_hw=hw, hires_hw=hw,
+                     steps=self.steps, hires_steps=1, denoising_strength=0.0,
+                     params=FamParams(), guidance_scale=self.guidance_scale, seed=seed)
+        return r.native
+
+
+def load(world: str | int = "disc") -> ToyModel:
+    """The shipped model of a world, by name ("disc", "stripes") or number (1, 2)."""
+    by_number = {w.number: w for w in WORLDS.values()}
+    w = by_number.get(world) if isinstance(world, int) else WORLDS.get(world)
+    if w is None:
+        raise ValueError(f"unknown toy world {world!r}; choose from "
+                         + ", ".join(f"{w.name!r} ({w.number})" for w in WORLDS.values()))
+    ck = load_checkpoint(CHECKPOINTS / w.name)
+    s = ck.meta["sampling"]
+    return ToyModel(w, ck.unet, make_scheduler(ck.meta["scheduler"]), ck.prompt,
+                    ck.meta["native"], s["steps"], s["guidance_scale"], ck.meta)

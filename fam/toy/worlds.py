@@ -1,0 +1,67 @@
+"""The toy worlds: deterministic generators of 32×32 RGB training images in [0, 1].
+
+`disc` (world 1, global structure): ONE anti-aliased disc, radius 6–10 px, random colour,
+black background. `stripes` (world 2, local texture): ONE disc, radius 8–12 px, filled with
+a sinusoidal grating of fixed period 3 px and random orientation and phase. The period is
+chosen so that the grating lies outside FM's guided low-frequency box at every orientation
+but a narrow band around the diagonals (see docs/quality.md): FM cannot copy it from the
+native image, so keeping it coherent across a 2–3× disc is left to the model's own
+long-range paths — self-attention, which AM modulates."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["World", "WORLDS", "STRIPE_PERIOD"]
+
+STRIPE_PERIOD = 3.0
+
+
+def _colour(n: int, g: torch.Generator, lo: float) -> torch.Tensor:
+    """Random colours whose brightest channel lies in [lo, 1], so the object stands out."""
+    c = torch.rand(n, 3, generator=g)
+    peak = lo + (1 - lo) * torch.rand(n, 1, generator=g)
+    return c / c.amax(1, keepdim=True).clamp_min(1e-3) * peak
+
+
+def _disc(n, size, g, r_lo, r_hi, scale):
+    """Coverage (n, size, size) of one anti-aliased disc per image, plus pixel grids."""
+    r = scale * (r_lo + (r_hi - r_lo) * torch.rand(n, 1, 1, generator=g))
+    margin = r + scale
+    cy, cx = (margin + (size - 2 * margin) * torch.rand(n, 1, 1, generator=g) for _ in range(2))
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    dist = ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()
+    return (r - dist + 0.5).clamp(0, 1), yy, xx
+
+
+def disc_images(n: int, g: torch.Generator, scale: int = 1) -> torch.Tensor:
+    alpha, _, _ = _disc(n, 32 * scale, g, 6.0, 10.0, scale)
+    return alpha[:, None] * _colour(n, g, 0.5)[:, :, None, None]
+
+
+def stripe_images(n: int, g: torch.Generator, scale: int = 1) -> torch.Tensor:
+    alpha, yy, xx = _disc(n, 32 * scale, g, 8.0, 12.0, scale)
+    theta = math.pi * torch.rand(n, 1, 1, generator=g)
+    phase = 2 * math.pi * torch.rand(n, 1, 1, generator=g)
+    u = xx * theta.cos() + yy * theta.sin()
+    shade = 0.725 + 0.275 * torch.cos(2 * math.pi * u / (scale * STRIPE_PERIOD) + phase)   # in [0.45, 1]
+    return (alpha * shade)[:, None] * _colour(n, g, 0.6)[:, :, None, None]
+
+
+@dataclass(frozen=True)
+class World:
+    name: str
+    number: int
+    summary: str
+    images: object    # (n, generator, scale=1) -> (n, 3, 32·scale, 32·scale) in [0, 1]; scale > 1
+                      # renders the same world magnified (the ideal high-res image)
+
+
+WORLDS = {w.name: w for w in (
+    World("disc", 1, "one disc, radius 6-10 px, random colour, black background", disc_images),
+    World("stripes", 2, "one disc, radius 8-12 px, filled with 3 px stripes of random "
+          "orientation, random colour, black background", stripe_images),
+)}

@@ -1,0 +1,141 @@
+"""Toy worlds, their structure metrics, training determinism and the shipped checkpoints."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("safetensors")
+
+from fam.toy import METHODS, WORLDS, load
+from fam.toy.metrics import round_disc, score, stripes
+from fam.toy.model import CHECKPOINTS
+
+
+def disc(size, cy, cx, r, colour=(0.9, 0.4, 0.2), theta=None, period=3.0, theta2=None):
+    """An anti-aliased disc, optionally striped (a second orientation on its right half)."""
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    alpha = np.clip(r - np.hypot(yy - cy, xx - cx) + 0.5, 0, 1)
+    shade = np.ones_like(alpha)
+    if theta is not None:
+        th = np.where((xx > cx) & (theta2 is not None), theta2 if theta2 is not None else 0, theta)
+        u = xx * np.cos(np.radians(th)) + yy * np.sin(np.radians(th))
+        shade = 0.725 + 0.275 * np.cos(2 * np.pi * u / period)
+    return (alpha * shade)[..., None] * np.asarray(colour)
+
+
+def images(world, n, scale, seed=5):
+    x = WORLDS[world].images(n, torch.Generator().manual_seed(seed), scale)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def test_worlds_are_deterministic_and_magnify_exactly():
+    for w in WORLDS.values():
+        a = w.images(4, torch.Generator().manual_seed(1))
+        b = w.images(4, torch.Generator().manual_seed(1))
+        assert torch.equal(a, b) and a.shape == (4, 3, 32, 32)
+        assert 0 <= a.min() and a.max() <= 1
+        assert w.images(2, torch.Generator().manual_seed(1), 3).shape == (2, 3, 96, 96)
+
+
+@pytest.mark.parametrize("world", list(WORLDS))
+@pytest.mark.parametrize("scale", [1, 2, 3])
+def test_the_worlds_own_images_pass_every_metric(world, scale):
+    """The ideal high-res image is the same scene magnified: it must pass everything."""
+    native, hi = images(world, 40, 1), images(world, 40, scale)
+    for h, n in zip(hi, native):
+        assert all(score(world, h, n, scale).values()), score(world, h, n, scale)
+
+
+def test_one_round_disc_rejects_duplicates_fusions_and_squares():
+    one = disc(64, 30, 30, 14)
+    assert round_disc(one) is not None
+    assert round_disc(one + disc(64, 50, 52, 8)) is None            # two discs
+    assert round_disc(np.clip(one + disc(64, 30, 44, 14), 0, 1)) is None   # fused pair
+    square = np.zeros((64, 64, 3))
+    square[16:44, 16:44] = 0.8
+    assert round_disc(square) is None
+    yy, xx = np.mgrid[:64, :64] + 0.5
+    ellipse = ((yy - 32) / 10) ** 2 + ((xx - 32) / 18) ** 2 <= 1                # aspect 0.56
+    assert round_disc(ellipse[..., None] * np.array([0.2, 0.9, 0.5])) is None
+    assert round_disc(np.zeros((64, 64, 3))) is None
+    speck = one.copy()
+    speck[60:62, 2:4] = 0.9                                          # < 1 % of the image
+    assert round_disc(speck) is not None
+
+
+def test_matches_native_needs_the_native_layout():
+    native = disc(32, 12, 14, 8)
+    assert score("disc", disc(64, 24, 28, 16), native, 2)["matches_native"]
+    assert not score("disc", disc(64, 40, 28, 16), native, 2)["matches_native"]   # moved
+    assert not score("disc", disc(64, 24, 28, 24), native, 2)["matches_native"]   # grown
+    assert score("disc", disc(64, 24, 28, 16), native, 2)["one_round_disc"]
+
+
+def test_stripe_metrics_measure_texture_and_orientation():
+    for theta in (0, 30, 75, 120, 160):
+        img = disc(96, 48, 48, 30, theta=theta)
+        contrast, coherence, angle = stripes(img, round_disc(img))
+        assert coherence > 0.95 and contrast > 0.2
+        assert min(abs(angle - theta), 180 - abs(angle - theta)) < 3
+    native = disc(32, 16, 16, 10, theta=40)
+    ok = score("stripes", disc(64, 32, 32, 20, theta=40, period=6), native, 2)
+    assert ok == {"one_round_disc": True, "coherent_stripes": True, "native_orientation": True}
+    turned = score("stripes", disc(64, 32, 32, 20, theta=70), native, 2)
+    assert turned["coherent_stripes"] and not turned["native_orientation"]
+    for split in (90, 45):
+        halves = score("stripes", disc(64, 32, 32, 20, theta=0, theta2=split), native, 2)
+        assert halves["one_round_disc"] and not halves["coherent_stripes"]
+    flat = score("stripes", disc(64, 32, 32, 20), native, 2)
+    assert flat["one_round_disc"] and not flat["coherent_stripes"]
+    rng = np.random.default_rng(0)
+    noisy = disc(64, 32, 32, 20) * (0.6 + 0.4 * rng.random((64, 64, 1)))
+    assert not score("stripes", noisy, native, 2)["coherent_stripes"]
+
+
+def test_training_is_deterministic():
+    from fam.toy.train import train
+    a, pa, rec = train("stripes", steps=2, batch=2, lr=1e-3, warmup=1, ema=0.9, seed=3,
+                       threads=1, progress=False)
+    b, pb, _ = train("stripes", steps=2, batch=2, lr=1e-3, warmup=1, ema=0.9, seed=3,
+                     threads=1, progress=False)
+    assert torch.equal(pa, pb) and rec["steps"] == 2
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), k
+
+
+@pytest.mark.parametrize("world", list(WORLDS))
+def test_shipped_checkpoints(world):
+    st, meta = CHECKPOINTS / f"{world}.safetensors", CHECKPOINTS / f"{world}.json"
+    assert st.stat().st_size < 3 * 2**20
+    info = json.loads(meta.read_text())
+    assert info["world"] == world and info["command"].startswith("python -m fam.toy.train")
+    model = load(world)
+    assert model is not None and load(WORLDS[world].number).world == model.world
+    from fam.layers import discover
+    am = discover(model.unet).am_layers()
+    assert {l.name.split(".attentions")[0] for l in am} == {"up_blocks.1"}
+
+
+def test_load_names_the_worlds_on_a_typo():
+    with pytest.raises(ValueError, match="'disc' \\(1\\), 'stripes' \\(2\\)"):
+        load("discs")
+
+
+def test_render_every_method():
+    model = load("disc")
+    model.steps = 2                                   # shapes and plumbing only
+    out = model.render(list(METHODS), 1.5, seed=0, batch=2)
+    assert list(out) == list(METHODS)
+    assert out["native"].shape == (2, 3, 32, 32)
+    for name in METHODS:
+        if name != "native":
+            assert out[name].shape == (2, 3, 48, 48), name
+        assert 0 <= out[name].min() and out[name].max() <= 1
+    again = model.render(["native", "fam"], 1.5, seed=0, batch=2)
+    assert torch.equal(again["native"], out["native"]) and torch.equal(again["fam"], out["fam"])
+    with pytest.raises(ValueError, match="unknown method"):
+        model.render(["famous"], 2, 0)
