@@ -109,6 +109,24 @@ def test_compare_writes_both_images_and_a_labelled_sheet(sd15, tmp_path, capsys)
     assert "FAM / Hires fix: time" in printed
 
 
+def test_default_model_is_the_shipped_toy_offline(tmp_path, capsys, monkeypatch):
+    """No --model: the toy model in the package, no network, a real FAM-vs-Hires-fix sheet."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "toy.png"
+    assert fam_main(["generate", "--steps", "3", "--seed", "4", "--compare", "--quiet",
+                     "--prompt", "ignored", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "toy-disc" in printed and "--prompt and --negative are ignored" in printed
+    fam_im, plain_im = Image.open(out), Image.open(tmp_path / "toy_hiresfix.png")
+    assert fam_im.size == plain_im.size == (64, 64)
+    assert fam_im.tobytes() != plain_im.tobytes()
+    assert Image.open(tmp_path / "toy_compare.png").width == 3 * 256   # enlarged panels
+    info = parse_infotext(parameters(out)[0])
+    assert info["Prompt"] == "" and info["Model"] == "toy-disc" and info["Size"] == "32x32"
+    assert info["Sampler"] == "Euler" and info["CFG scale"] == "1.0"
+    assert FamParams.from_infotext(info) == FamParams(enabled=True)
+
+
 def test_plain_hires_fix_at_its_own_strength_and_a_batch_sheet(sd15, tmp_path):
     out = tmp_path / "s.png"
     assert generate("--model", sd15, "--seed", "2", "--compare", "--denoising-strength", "0.5",
@@ -225,9 +243,10 @@ def test_am_blocks_the_model_does_not_have(sd15, capsys):
         "[3, 4, 5, 6, 7, 8, 9, 10, 11]" in err
 
 
-def test_missing_model_and_no_model(capsys, tmp_path):
+def test_missing_and_unusable_models(capsys, tmp_path):
     assert "no such file or folder" in fails(capsys, "--model", str(tmp_path / "nope"), code=1)
-    assert "no --model given" in fails(capsys, code=1)
+    assert "unknown toy world 'nope'; choose from 'disc' (1), 'stripes' (2)" in fails(
+        capsys, "--model", "toy:nope", code=1)
     (tmp_path / "empty").mkdir()
     assert "has no model_index.json" in fails(capsys, "--model", str(tmp_path / "empty"))
     (tmp_path / "unet").mkdir()

@@ -46,15 +46,19 @@ def _fam_fields():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import SAMPLERS
+    from .models import DEFAULT_MODEL, SAMPLERS
     ap = argparse.ArgumentParser(
         prog="python -m fam generate",
         description="Generate a FAM Diffusion image (and, with --compare, the plain Hires fix "
-                    "with the same seed) from an SD1.x, SD2.x or SDXL diffusers model.")
+                    "with the same seed) from an SD1.x, SD2.x or SDXL diffusers model, or from "
+                    "the toy model shipped with this package (the default).")
     m = ap.add_argument_group("model")
-    m.add_argument("--model", help="a diffusers pipeline folder, a Hugging Face Hub id "
-                   "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or a single "
-                   ".safetensors/.ckpt checkpoint (path or URL)")
+    m.add_argument("--model", default=DEFAULT_MODEL,
+                   help="a diffusers pipeline folder, a Hugging Face Hub id "
+                   "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), a single "
+                   ".safetensors/.ckpt checkpoint (path or URL), or a toy model shipped with "
+                   "this package: toy:disc, toy:stripes (tiny, 32x32, no text encoder; "
+                   f"default {DEFAULT_MODEL})")
     m.add_argument("--config", help="single-file checkpoints only: a diffusers folder or Hub id "
                    "of the same architecture whose configuration (.json and tokenizer files, no "
                    "weights) describes it; default: diffusers' choice for the detected "
@@ -353,7 +357,12 @@ def run(args: argparse.Namespace) -> int:
     with _library_noise_off(args.quiet):
         model = load_model(args.model, device=device, dtype=dtype, config=args.config)
     discover(model.unet).am_layers(params.am_block_indices, model.name)   # AM blocks it has?
-    for what, text in (("prompt", args.prompt), ("negative prompt", args.negative)):
+    prompt, negative = args.prompt, args.negative
+    if not model.reads_prompts and (prompt or negative):
+        print(f"note: {model.name} has no text encoder (one fixed conditioning): --prompt and "
+              "--negative are ignored")
+        prompt = negative = ""
+    for what, text in (("prompt", prompt), ("negative prompt", negative)):
         if model.prompt_overflow(text):
             print(f"note: the {what} is longer than the text encoder's window; its last "
                   f"{model.prompt_overflow(text)} tokens are cut off")
@@ -368,8 +377,8 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps or d["steps"], hires_steps=args.hires_steps,
         cfg=d["cfg"] if args.cfg is None else args.cfg, scale=args.scale,
         seeds=[seed + i for i in range(args.batch)], tiling=args.vae_tiling,
-        cond=model.conditioning(args.prompt, args.negative, args.batch, native_px),
-        hires_cond=model.conditioning(args.prompt, args.negative, args.batch, hires_px)
+        cond=model.conditioning(prompt, negative, args.batch, native_px),
+        hires_cond=model.conditioning(prompt, negative, args.batch, hires_px)
         if model.size_conditioned else None)
     print(f"{model.name} ({model.kind}) on {device} in {str(dtype).replace('torch.', '')}: "
           f"{native_px[1]}x{native_px[0]} -> {hires_px[1]}x{hires_px[0]}, {sampler_name}, "
@@ -385,7 +394,7 @@ def run(args: argparse.Namespace) -> int:
         _render(model, v, plan, bar)
         v.paths = _paths(args.out, args.batch, suffix)
         for image, path, image_seed in zip(v.images, v.paths, plan.seeds):
-            save_png(image, path, infotext(args.prompt, args.negative, _fields(plan, v, image_seed)))
+            save_png(image, path, infotext(prompt, negative, _fields(plan, v, image_seed)))
     for note in variants[0].info.items():
         print("%s: %s" % note)
     _report(variants, PeakMemory(device).label)
@@ -427,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)      # bad option syntax: argparse prints usage, exits 2
     from .models import ModelError
+    threads = torch.get_num_threads()   # a model may lower it for its run (the toy models)
     try:
         return run(args)
     except (FamParamError, UsageError, LayerSelectionError) as e:
@@ -443,3 +453,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        torch.set_num_threads(threads)

@@ -17,8 +17,11 @@ import torch
 
 from ..hosts.diffusers import CfgCond
 
-__all__ = ["ModelError", "Model", "PipelineModel", "load_model", "SAMPLERS", "make_sampler",
-           "decode_bytes", "free_bytes"]
+__all__ = ["ModelError", "Model", "PipelineModel", "ToyWorldModel", "load_model", "SAMPLERS",
+           "make_sampler", "decode_bytes", "free_bytes", "DEFAULT_MODEL"]
+
+TOY_PREFIX = "toy:"
+DEFAULT_MODEL = TOY_PREFIX + "disc"   # shipped in fam/toy/checkpoints: offline, fast on a CPU
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -64,6 +67,7 @@ class Model:
     native_px: tuple[int, int]      # (height, width) the model was trained at
     factor: int                     # pixels per latent cell
     defaults: dict = field(default_factory=dict)   # steps, cfg, sampler suited to it
+    reads_prompts: bool = True      # False: one fixed conditioning, no text encoder
 
     @property
     def device(self) -> torch.device:
@@ -147,6 +151,23 @@ class PipelineModel(Model):
         return self.pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 
+@dataclass
+class ToyWorldModel(Model):
+    """A toy model shipped with the package (`fam.toy`): trained here on synthetic images, so
+    plain Hires fix really fails where FAM does not. Pixel space (no VAE), one fixed
+    conditioning (no text encoder)."""
+    toy: Any = None
+
+    def conditioning(self, prompt, negative, batch, size_px) -> CfgCond:
+        return self.toy.cond(batch)
+
+    def decode(self, latent):
+        from PIL import Image
+        from ..toy.render import to_image
+        pixels = to_image(latent[0]).mul(255).round().to(torch.uint8).permute(1, 2, 0)
+        return Image.fromarray(pixels.numpy())
+
+
 def decode_bytes(vae, height: int, width: int) -> int:
     """Estimated peak memory of decoding one height×width image with this VAE."""
     channels = vae.config.block_out_channels[0]
@@ -183,10 +204,12 @@ def load_model(source: str | None, *, device: torch.device, dtype: torch.dtype,
     """`source`: a diffusers pipeline folder, a Hub id, or a single checkpoint file / URL.
     `config`: for a single file, a diffusers folder or Hub id with its architecture's
     configuration (no weights needed)."""
-    if not source:
-        raise ModelError("no --model given: pass a diffusers pipeline folder, a Hugging Face "
-                         "Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or a "
-                         ".safetensors/.ckpt checkpoint")
+    source = source or DEFAULT_MODEL
+    if source.startswith(TOY_PREFIX) and not os.path.exists(source):
+        if config:
+            raise ModelError("--config is for single-file checkpoints; a toy model has its "
+                             "configuration with it")
+        return _toy_model(source[len(TOY_PREFIX):], device, dtype)
     if os.path.isdir(source):
         pipe = _from_pipeline(source, _local_index(source), dtype)
         name = os.path.basename(os.path.normpath(source))
@@ -309,6 +332,24 @@ def _from_single_file(source: str, config: str | None, dtype: torch.dtype):
                     lambda: StableDiffusionPipeline.from_single_file(
                         source, config=config, torch_dtype=dtype, safety_checker=None,
                         feature_extractor=None, requires_safety_checker=False))
+
+
+def _toy_model(world: str, device, dtype) -> ToyWorldModel:
+    import fam.toy
+    try:
+        toy = fam.toy.load(world)
+    except ValueError as e:   # unknown world: the message lists the shipped ones
+        raise ModelError(f"{TOY_PREFIX}{world}: {e}") from None
+    if device.type == "cpu":
+        torch.set_num_threads(1)   # ops this small: thread hand-offs cost more than they save
+    toy.unet.to(device, dtype)
+    toy.prompt = toy.prompt.to(device, dtype)
+    px = (toy.native, toy.native)
+    return ToyWorldModel(
+        name=f"toy-{toy.world.name}", kind=f"toy world {toy.world.number}: {toy.world.summary}",
+        unet=toy.unet, scheduler=toy.scheduler, native_px=px, factor=1,
+        defaults=dict(steps=toy.steps, cfg=toy.guidance_scale, sampler="Euler"),
+        reads_prompts=False, toy=toy)
 
 
 def _pipeline_model(pipe, name: str, source: str, device, dtype) -> PipelineModel:
