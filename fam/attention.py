@@ -1,7 +1,7 @@
 """Attention Modulation (FAM Eq. 7) without ever forming an attention map.
 
 M̄·V = λ·U(M_native)·V + (1 − λ)·M_hires·V, and with U = nearest upsampling on the query
-grid and average pooling on the key grid (spec §3):
+grid and average pooling on the key grid (docs/method.md §3):
 
     U(M_native)·V = NearestUp_query( softmax(Q_n K_nᵀ·scale) · AvgPool_key(V) )
 

@@ -9,7 +9,7 @@ __all__ = ["highpass_box", "frequency_modulate"]
 
 
 def highpass_box(hires_hw, native_hw, rho: float, c: float = 0.5) -> torch.Tensor:
-    """K(t) of spec §2, fftshift-ed layout: ρ inside the centred box of size c·(1-ρ)·(h, w),
+    """K(t) of docs/method.md §2, fftshift-ed layout: ρ inside the centred box of size c·(1-ρ)·(h, w),
     1 elsewhere (strict edges). Float32, shape (H, W)."""
     inside = _box(hires_hw, native_hw, rho, c, torch.device("cpu"))
     return torch.where(inside, torch.tensor(rho, dtype=torch.float32), torch.tensor(1.0))

@@ -157,7 +157,7 @@ class FamRun:
         return ctx
 
     def guide_latent(self, x: torch.Tensor, sigma: float) -> None:
-        """FM, in place on the sampler's latent x (B, C, H, W) at σ (spec §1 step 4)."""
+        """FM, in place on the sampler's latent x (B, C, H, W) at σ (docs/method.md §1 step 4)."""
         if self.phase != HIRES or not self.params.fm_enabled or self.native_hw is None:
             return
         z_ref = noised_reference(self._z0, self._eps, sigma, vp=self._vp)

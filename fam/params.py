@@ -1,5 +1,5 @@
 """Every user setting of FAM Diffusion, in one frozen object that feeds the UI, the API,
-the infotext and XYZ alike (spec §4 gives the defaults)."""
+the infotext and XYZ alike (docs/method.md §5 gives the defaults)."""
 
 from __future__ import annotations
 

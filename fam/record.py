@@ -1,4 +1,4 @@
-"""What the native pass leaves for the high-res pass (spec §3, "Native maps per high-res step").
+"""What the native pass leaves for the high-res pass (docs/method.md §4).
 
 Per native UNet evaluation σ an entry; per UNet call at that σ a segment: the normalised attn1
 inputs of every AM layer for the call's rows in ONE flat buffer, layer after layer, each

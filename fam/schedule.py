@@ -1,5 +1,5 @@
 """The σ clock shared by every host: σ ↔ model timestep t for discrete VP schedules, FM's ρ,
-and the noising of the reference latent (spec §2, §3 step 3)."""
+and the noising of the reference latent (docs/method.md §1 step 3, §2)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class VPSchedule:
         return math.exp((1 - frac) * float(self.log_sigmas[lo]) + frac * float(self.log_sigmas[hi]))
 
     def rho(self, sigma: float) -> float:
-        """ρ = t / T (spec §2), with T the number of training timesteps."""
+        """ρ = t / T (docs/method.md §2), with T the number of training timesteps."""
         return self.sigma_to_t(sigma) / self.num_train_timesteps
 
 

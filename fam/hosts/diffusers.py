@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from ..record import Role
 from ..schedule import VPSchedule, noised_reference
 
 __all__ = ["FamAttnProcessor", "fam_processors", "CfgCond", "FamResult", "generate",
-           "upsample_latent", "cfg_roles"]
+           "upsample_latent", "cfg_roles", "Progress"]
 
 
 class FamAttnProcessor:
@@ -89,7 +89,7 @@ def cfg_roles(batch: int) -> list[Role]:
 
 
 def upsample_latent(z: torch.Tensor, hw) -> torch.Tensor:
-    """z̃₀ = U(z⁰_native): bicubic, one jump to the target latent size (spec §1 step 2)."""
+    """z̃₀ = U(z⁰_native): bicubic, one jump to the target latent size (docs/method.md §1 step 2)."""
     return F.interpolate(z.float(), size=tuple(hw), mode="bicubic", align_corners=False).to(z.dtype)
 
 
@@ -170,23 +170,41 @@ class FamResult:
     info: dict = field(default_factory=dict)
 
 
+Progress = Callable[[str, Sequence], Iterable]
+
+
 def generate(unet, scheduler, cond: CfgCond, *, native_hw, hires_hw, steps: int,
-             params: FamParams, guidance_scale: float = 7.5, seed: int = 0,
+             params: FamParams, guidance_scale: float = 7.5, seed: int | Sequence[int] = 0,
              hires_cond: CfgCond | None = None, hires_steps: int | None = None,
-             denoising_strength: float = 1.0, am_layers: Sequence[AttnLayer] | None = None
-             ) -> FamResult:
+             denoising_strength: float = 1.0, am_layers: Sequence[AttnLayer] | None = None,
+             progress: Progress | None = None) -> FamResult:
     """Native pass at `native_hw` (latent size), then a high-res pass at `hires_hw` from the
     bicubic-upsampled native latent: with FAM when `params.enabled`, else a plain Hires fix
     (same noise, steps and schedule). `full_renoise` forces denoising strength 1.0. With
-    `guidance_scale` 1 only the cond rows of `cond` are evaluated."""
+    `guidance_scale` 1 only the cond rows of `cond` are evaluated.
+
+    `seed`: one generator for the whole batch, or one seed per image, so that image i of a
+    batch is the image a batch of one makes with seed[i]. `progress(pass_name, timesteps)`
+    may wrap each pass's timesteps (e.g. in a tqdm bar); pass names "native" and "hires"."""
     dev, dtype = unet.device, unet.dtype
     hires_cond = hires_cond or cond
     schedule = VPSchedule(scheduler.alphas_cumprod)
-    gen = torch.Generator("cpu").manual_seed(seed)
     B, C = cond.batch, unet.config.in_channels
+    if isinstance(seed, int):
+        gen = torch.Generator("cpu").manual_seed(seed)
+    else:
+        if len(seed) != B:
+            raise ValueError(f"generate: {len(seed)} seeds for a batch of {B}")
+        gen = [torch.Generator("cpu").manual_seed(int(s)) for s in seed]
 
     def noise(hw):
+        if isinstance(gen, list):
+            rows = [torch.randn((1, C, *hw), generator=g, dtype=torch.float32) for g in gen]
+            return torch.cat(rows).to(dev, dtype)
         return torch.randn((B, C, *hw), generator=gen, dtype=torch.float32).to(dev, dtype)
+
+    def steps_of(name, timesteps):
+        return progress(name, timesteps) if progress else timesteps
 
     run = None
     layers: Sequence[AttnLayer] = ()
@@ -209,8 +227,8 @@ def generate(unet, scheduler, cond: CfgCond, *, native_hw, hires_hw, steps: int,
             if run:
                 run.begin_native()
             x = noise(native_hw) * native_sched.init_noise_sigma
-            z_native = _denoise(unet, native_sched, x, native_sched.timesteps, cond,
-                                guidance_scale, gen, schedule, run, record=True)
+            z_native = _denoise(unet, native_sched, x, steps_of("native", native_sched.timesteps),
+                                cond, guidance_scale, gen, schedule, run, record=True)
             z0 = upsample_latent(z_native, hires_hw)
             eps = noise(hires_hw)
             sigma0 = _current_sigma(hires_sched, hires_timesteps[0], schedule)
@@ -219,8 +237,8 @@ def generate(unet, scheduler, cond: CfgCond, *, native_hw, hires_hw, steps: int,
             if run:
                 run.begin_hires(z0, eps, vp=vp, replay_can_stop=True,
                                 replay_fn=lambda payload: _replay(unet, run, payload))
-            z_hires = _denoise(unet, hires_sched, x, hires_timesteps, hires_cond,
-                               guidance_scale, gen, schedule, run, record=False)
+            z_hires = _denoise(unet, hires_sched, x, steps_of("hires", hires_timesteps),
+                               hires_cond, guidance_scale, gen, schedule, run, record=False)
             return FamResult(z_native, z_hires, run, run.report() if run else {})
         finally:
             if run:
