@@ -52,23 +52,31 @@ def unet_key(key: str, per_level: int, up_with_attention: set) -> str:
     raise KeyError(f"no ldm name for UNet key {key}")
 
 
+_NIN = {"conv_shortcut": "nin_shortcut"}
+
+# (diffusers AutoencoderKL key pattern, its ldm name from the match and the number of levels)
+_VAE_RULES = [
+    (r"(encoder|decoder)\.conv_norm_out\.(.+)", lambda m, L: f"{m[1]}.norm_out.{m[2]}"),
+    (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
+     lambda m, L: f"encoder.down.{m[1]}.block.{m[2]}.{_rename_first(m[3], _NIN)}"),
+    (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)",
+     lambda m, L: f"encoder.down.{m[1]}.downsample.conv.{m[2]}"),
+    (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
+     lambda m, L: f"decoder.up.{L - 1 - int(m[1])}.block.{m[2]}.{_rename_first(m[3], _NIN)}"),
+    (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)",
+     lambda m, L: f"decoder.up.{L - 1 - int(m[1])}.upsample.conv.{m[2]}"),
+    (r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)",
+     lambda m, L: f"{m[1]}.mid.block_{int(m[2]) + 1}.{_rename_first(m[3], _NIN)}"),
+    (r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)",
+     lambda m, L: f"{m[1]}.mid.attn_1.{_rename_first(m[2], _VAE_ATTN)}"),
+]
+
+
 def vae_key(key: str, levels: int) -> str:
     """diffusers AutoencoderKL key -> ldm key."""
-    nin = {"conv_shortcut": "nin_shortcut"}
-    if m := re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(.+)", key):
-        return f"{m[1]}.norm_out.{m[2]}"
-    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        return f"encoder.down.{m[1]}.block.{m[2]}.{_rename_first(m[3], nin)}"
-    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-        return f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
-    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        return f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}.{_rename_first(m[3], nin)}"
-    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-        return f"decoder.up.{levels - 1 - int(m[1])}.upsample.conv.{m[2]}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
-        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{_rename_first(m[3], nin)}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", key):
-        return f"{m[1]}.mid.attn_1.{_rename_first(m[2], _VAE_ATTN)}"
+    for pattern, name in _VAE_RULES:
+        if m := re.fullmatch(pattern, key):
+            return name(m, levels)
     return key   # conv_in, conv_out, quant_conv, post_quant_conv keep their names
 
 
