@@ -25,7 +25,7 @@ import torch
 from .toy import METHODS, WORLDS, load
 from .toy.metrics import METRICS, score
 
-__all__ = ["evaluate", "table", "grid", "figure", "main"]
+__all__ = ["evaluate", "table", "am_verdict", "grid", "figure", "main"]
 
 FIGURE_METHODS = ("native", "hires_1.0", "fam")
 
@@ -82,6 +82,28 @@ def table(rows, world: str, scales) -> str:
                 cells.append(f"{r['value']:.2f} ± {r['se']:.2f}" if r else "")
         lines.append(f"| {METHODS[m].label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+AM_COMPARISONS = (("fam", "fm_only"), ("am_only", "hires_1.0"))
+
+
+def am_verdict(rows, world: str = "stripes", metric: str = "coherent_stripes") -> list[str]:
+    """The rule of docs/quality.md, fixed before any FAM output was seen: AM shows a
+    measurable benefit if, at some scale, FAM beats FM only, or AM only beats Hires fix at
+    strength 1.0, on `metric` by more than twice the standard error of the difference."""
+    by = {(r["scale"], r["method"]): r for r in rows
+          if r["world"] == world and r["metric"] == metric}
+    lines = []
+    for scale in sorted({s for s, _ in by if s != 1}):
+        for a, b in AM_COMPARISONS:
+            if (scale, a) in by and (scale, b) in by:
+                ra, rb = by[scale, a], by[scale, b]
+                diff, se = ra["value"] - rb["value"], math.hypot(ra["se"], rb["se"])
+                verdict = "AM helps" if diff > 2 * se else "no measurable AM benefit"
+                lines.append(f"{scale:g}x {metric.replace('_', ' ')}: {METHODS[a].label} "
+                             f"- {METHODS[b].label} = {diff:+.2f} (2 SE = {2 * se:.2f}, "
+                             f"N = {ra['n']}): {verdict}")
+    return lines
 
 
 def _font(size: int):
@@ -190,12 +212,14 @@ def main(argv=None) -> int:
         png = a.out / f"{world}.png"
         world_grid(world, samples, a.cols).save(png, optimize=True)
         w = WORLDS[world]
+        verdict = "\n".join(am_verdict(r)) if world == "stripes" else ""
         texts.append(f"World {w.number} ({w.name}: {w.summary}), N = {a.n} per cell, "
-                     f"grid {png}\n\n{table(r, world, a.scale)}")
+                     f"grid {png}\n\n{table(r, world, a.scale)}" + (f"\n\n{verdict}" if verdict else ""))
     bar.close()
     seconds = time.perf_counter() - t0
     if a.json:
-        print(json.dumps(dict(rows=rows, seconds=round(seconds, 1), threads=torch.get_num_threads())))
+        print(json.dumps(dict(rows=rows, am_verdict=am_verdict(rows), seconds=round(seconds, 1),
+                              threads=torch.get_num_threads())))
     else:
         print("\n\n".join(texts))
         print(f"\n{seconds / 60:.1f} min, {torch.get_num_threads()} threads; values are pass "

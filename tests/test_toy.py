@@ -12,7 +12,7 @@ pytest.importorskip("safetensors")
 
 from fam.toy import METHODS, WORLDS, load
 from fam.toy.metrics import round_disc, score, stripes
-from fam.toy.model import CHECKPOINTS
+from fam.toy.model import CHECKPOINTS, to_image, to_model
 
 
 def disc(size, cy, cx, r, colour=(0.9, 0.4, 0.2), theta=None, period=3.0, theta2=None):
@@ -39,6 +39,22 @@ def test_worlds_are_deterministic_and_magnify_exactly():
         assert torch.equal(a, b) and a.shape == (4, 3, 32, 32)
         assert 0 <= a.min() and a.max() <= 1
         assert w.images(2, torch.Generator().manual_seed(1), 3).shape == (2, 3, 96, 96)
+
+
+def test_model_space_puts_the_background_at_zero():
+    """The background is 0 in model space (the schedule's σ_max must not leave a readable
+    image mean in the noise) and decoding inverts encoding."""
+    x = WORLDS["disc"].images(8, torch.Generator().manual_seed(2))
+    z = to_model(x)
+    assert torch.equal(z[:, :, 0, 0], torch.zeros(8, 3))
+    assert torch.allclose(to_image(z), x)
+
+
+def test_stripes_are_horizontal_or_vertical_and_both_occur():
+    angles = [stripes(img, round_disc(img))[2] for img in images("stripes", 40, 1)]
+    near = [min((0, 90, 180), key=lambda a0: abs(a - a0)) % 180 for a in angles]
+    assert all(min(abs(a - 0), abs(a - 90), abs(a - 180)) < 3 for a in angles), angles
+    assert set(near) == {0, 90}
 
 
 @pytest.mark.parametrize("world", list(WORLDS))

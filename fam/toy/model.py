@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 __all__ = ["UNET_CONFIG", "SCHEDULER_CONFIG", "NATIVE", "CHECKPOINTS", "build_unet",
-           "make_scheduler", "save_checkpoint", "load_checkpoint", "Checkpoint"]
+           "make_scheduler", "save_checkpoint", "load_checkpoint", "Checkpoint", "to_model",
+           "to_image"]
 
 NATIVE = 32                     # training size in pixels (no VAE: the latent is the image)
 UNET_CONFIG = dict(
@@ -24,6 +25,19 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear",
                         beta_start=0.00085, beta_end=0.012, prediction_type="epsilon")
 PROMPT_KEY = "fam_toy.prompt_embeds"          # the fixed (1, 2, 16) conditioning
 CHECKPOINTS = Path(__file__).with_name("checkpoints")
+
+
+def to_model(images: torch.Tensor) -> torch.Tensor:
+    """Image space [0, 1] → model space [0, 2]: the black background is 0, like the near
+    zero-mean latents SD's schedule was made for. (With the usual [-1, 1] the background's
+    constant −1 survives at σ_max in every pixel — √ᾱ_T ≈ 0.07 — so the model learns to read
+    the image's mean from the noise, and sampling from pure noise gives tinted backgrounds.)"""
+    return images * 2
+
+
+def to_image(x: torch.Tensor) -> torch.Tensor:
+    """Model space → image space [0, 1]."""
+    return (x.float() / 2).clamp(0, 1).cpu()
 
 
 def build_unet(config: dict | None = None):

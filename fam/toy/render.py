@@ -10,7 +10,7 @@ from typing import Iterable
 import torch
 
 from ..params import FamParams
-from .model import CHECKPOINTS, load_checkpoint, make_scheduler
+from .model import CHECKPOINTS, load_checkpoint, make_scheduler, to_image
 from .worlds import WORLDS, World
 
 __all__ = ["Method", "METHODS", "ToyModel", "load", "to_image"]
@@ -33,11 +33,6 @@ METHODS = {m.name: m for m in (
     Method("fm_only", "FAM, FM only", FamParams(enabled=True, am_enabled=False)),
     Method("am_only", "FAM, AM only", FamParams(enabled=True, fm_enabled=False)),
 )}
-
-
-def to_image(x: torch.Tensor) -> torch.Tensor:
-    """Model space [-1, 1] → image space [0, 1]."""
-    return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
 
 
 @dataclass

@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .model import CHECKPOINTS, NATIVE, SCHEDULER_CONFIG, UNET_CONFIG, build_unet, save_checkpoint
+from .model import (CHECKPOINTS, NATIVE, SCHEDULER_CONFIG, UNET_CONFIG, build_unet, save_checkpoint,
+                    to_model)
 from .worlds import WORLDS
 
-DEFAULTS = dict(steps=2500, batch=16, lr=1e-3, warmup=100, ema=0.999, seed=0, threads=2)
+DEFAULTS = dict(steps=2000, batch=32, lr=1e-3, warmup=100, ema=0.999, seed=0, threads=2)
 
 
 def alphas_cumprod(cfg: dict = SCHEDULER_CONFIG) -> torch.Tensor:
@@ -60,7 +61,7 @@ def train(world: str, steps: int, batch: int, lr: float, warmup: int, ema: float
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
-        x0 = images(batch, g_data) * 2 - 1
+        x0 = to_model(images(batch, g_data))
         t = torch.randint(0, len(ac), (batch,), generator=g_noise)
         eps = torch.randn(x0.shape, generator=g_noise)
         a = ac[t].view(-1, 1, 1, 1)

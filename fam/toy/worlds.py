@@ -2,11 +2,13 @@
 
 `disc` (world 1, global structure): ONE anti-aliased disc, radius 6–10 px, random colour,
 black background. `stripes` (world 2, local texture): ONE disc, radius 8–12 px, filled with
-a sinusoidal grating of fixed period 3 px and random orientation and phase. The period is
-chosen so that the grating lies outside FM's guided low-frequency box at every orientation
-but a narrow band around the diagonals (see docs/quality.md): FM cannot copy it from the
-native image, so keeping it coherent across a 2–3× disc is left to the model's own
-long-range paths — self-attention, which AM modulates."""
+a sinusoidal grating of fixed period 3 px and random phase, horizontal or vertical (one of
+the two per disc). At 32 / 3 = 10.7 cycles per image the grating lies outside FM's guided
+low-frequency box (8 cycles per image, see docs/quality.md): FM cannot copy it from the
+native image, so keeping one orientation across a 2–3× disc is left to the model's own
+long-range paths — self-attention, which AM modulates. (Two orientations, not a continuum:
+a tiny model drew a continuum of 3 px gratings as a maze of short stripes even at its own
+size.)"""
 
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def disc_images(n: int, g: torch.Generator, scale: int = 1) -> torch.Tensor:
 
 def stripe_images(n: int, g: torch.Generator, scale: int = 1) -> torch.Tensor:
     alpha, yy, xx = _disc(n, 32 * scale, g, 8.0, 12.0, scale)
-    theta = math.pi * torch.rand(n, 1, 1, generator=g)
+    theta = (math.pi / 2) * torch.randint(0, 2, (n, 1, 1), generator=g)
     phase = 2 * math.pi * torch.rand(n, 1, 1, generator=g)
     u = xx * theta.cos() + yy * theta.sin()
     shade = 0.725 + 0.275 * torch.cos(2 * math.pi * u / (scale * STRIPE_PERIOD) + phase)   # in [0.45, 1]
@@ -62,6 +64,6 @@ class World:
 
 WORLDS = {w.name: w for w in (
     World("disc", 1, "one disc, radius 6-10 px, random colour, black background", disc_images),
-    World("stripes", 2, "one disc, radius 8-12 px, filled with 3 px stripes of random "
-          "orientation, random colour, black background", stripe_images),
+    World("stripes", 2, "one disc, radius 8-12 px, filled with horizontal or vertical "
+          "3 px stripes, random colour, black background", stripe_images),
 )}
