@@ -20,9 +20,9 @@ from .attention import AmContext
 from .frequency import frequency_modulate
 from .layers import AttnLayer
 from .params import FamParams
-from .record import EntryMaps, HostMemory, NativeEntry, NativeRecord, ReferenceRecord, Role, Segment
+from .record import EntryMaps, NativeEntry, NativeRecord, ReferenceRecord, Role, Segment
 from .schedule import VPSchedule, noised_reference
-from .transfer import Prefetcher
+from .transfer import HostMemory, Prefetcher
 
 __all__ = ["FamRun", "ReplayUnavailable", "token_grid"]
 

@@ -9,24 +9,22 @@ the host's replay payloads, from which the maps are rebuilt by re-running the na
 ("recompute path", exact).
 
 Offloaded (a CUDA record kept in host memory): each segment is written on the device into a
-staging buffer, then copied on a side stream into an exactly sized page-locked host buffer
-(`HostMemory`), allocated off the critical path; `release()` gives every byte back."""
+staging buffer, then copied on a side stream into its host buffer (`fam.transfer`), allocated
+off the critical path; `release()` gives every byte back."""
 
 from __future__ import annotations
 
 import bisect
 import math
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from .transfer import Pages, Streams, cuda_runtime, page_locked
+from .transfer import HostMemory, Streams
 
-__all__ = ["Role", "Segment", "NativeEntry", "EntryMaps", "HostMemory", "NativeRecord",
-           "ReferenceRecord"]
+__all__ = ["Role", "Segment", "NativeEntry", "EntryMaps", "NativeRecord", "ReferenceRecord"]
 
 _MAX_STAGED = 2          # offload: segments waiting on the device for their host buffer
 
@@ -131,76 +129,6 @@ class EntryMaps:
                 return None
             parts.append(seg.view(self.flats[s], layer)[start:stop])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-class HostMemory:
-    """Every host buffer of one record: exactly the size asked for (no power-of-two rounding,
-    unlike PyTorch's caching host allocator; page-locked buffers are whole pages of their own,
-    < 4 KiB more), page-locked when it feeds a CUDA device (`pin`), counted, and all given
-    back by `release()`. `request` allocates on a worker thread (page-locking costs time in
-    proportion to the size) while the UNet runs. Page-locking that fails leaves the buffer
-    pageable and sets `pin_failed` (noted in the infotext); nothing here raises for it.
-    `runtime`: the CUDA runtime bindings (`fam.transfer.cuda_runtime()` when first needed)."""
-
-    def __init__(self, pin: bool = False, device: torch.device | None = None, runtime: Any = None):
-        self.pin, self.device, self.runtime = pin, device, runtime
-        self.allocated_bytes = self.peak_bytes = self.buffers = 0
-        self.pin_failed = False
-        self._live: list[tuple[torch.Tensor, Pages | None]] = []
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-
-    def allocate(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        pages = None
-        if self.pin and numel:
-            if self.runtime is None:
-                self.runtime = cuda_runtime()
-            t, pages = page_locked(numel, dtype, self.runtime)
-        else:
-            t = torch.empty(numel, dtype=dtype)
-        with self._lock:
-            self.pin_failed |= self.pin and numel > 0 and pages is None
-            self._live.append((t, pages))
-            self.allocated_bytes += t.nbytes
-            self.peak_bytes = max(self.peak_bytes, self.allocated_bytes)
-            self.buffers += 1
-        return t
-
-    def request(self, numel: int, dtype: torch.dtype) -> Future:
-        """`allocate` on the worker thread, where a failed cudaHostRegister also leaves its
-        error state (per thread), away from the thread that launches kernels."""
-        if self._pool is None:
-            init = (lambda: _use_device(self.device)) if self.pin else None
-            self._pool = ThreadPoolExecutor(1, "fam-record", initializer=init)
-        return self._pool.submit(self.allocate, numel, dtype)
-
-    def release(self) -> None:
-        """Free everything (after the copies that use it are complete: the caller syncs).
-        With a worker, it runs there after every allocation still queued, so a buffer that
-        arrives late is freed too, and a failed unregistration leaves its error state there.
-        The pages are unmapped as soon as no tensor views them any more."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.submit(self._free)
-            pool.shutdown(wait=True)
-        self._free()   # nothing left when the worker did it
-
-    def _free(self) -> None:
-        with self._lock:
-            live, self._live = self._live, []
-            self.allocated_bytes = self.buffers = 0
-        for _, pages in live:
-            if pages is not None:
-                pages.unlock()
-
-
-def _use_device(device: torch.device | None) -> None:
-    """The worker's current device: the record's (registration is portable, so any context
-    would do; a device that cannot be set leaves the default one)."""
-    try:
-        torch.cuda.set_device(device)
-    except Exception:
-        pass
 
 
 def _log_sigma(sigma: float) -> float:

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import diffusers
-import fam.record
+import fam.transfer
 from conftest import SCHED_KW, cfg_cond, tiny_sdxl
 from fam.guidance import FamRun
 from fam.hosts.diffusers import generate
 from fam.params import FamParams
-from fam.record import HostMemory, NativeRecord
+from fam.record import NativeRecord
 from fam.schedule import VPSchedule
-from fam.transfer import page_locked
+from fam.transfer import HostMemory, page_locked
 
 ON = FamParams(enabled=True)
 PAGE = 4096
@@ -87,7 +87,7 @@ def test_the_last_view_dying_unregisters_before_the_pages_are_unmapped():
 def test_a_buffer_that_cannot_be_page_locked_is_pageable_usable_and_reported(case, monkeypatch):
     rt = {"refused": FakeCudart(refuse=lambda size: True), "no binding": FakeCudart(raises=True),
           "no runtime": None}[case]
-    monkeypatch.setattr(fam.record, "cuda_runtime", lambda: None)   # as on a CPU build
+    monkeypatch.setattr(fam.transfer, "cuda_runtime", lambda: None)   # as on a CPU build
     mem = HostMemory(pin=True, runtime=rt)
     buf = mem.allocate(10, torch.float32)
     buf.copy_(torch.arange(10.0))
