@@ -1,5 +1,5 @@
 """The A1111 engine of the benchmark: a UNet with ldm/sgm module names and structure, driven
-the way AUTOMATIC1111 drives it, with FAM through the A1111 adapter (fam.hosts.a1111).
+the way AUTOMATIC1111 drives it, with FAM through the A1111 host (fam.hosts.a1111).
 
 The UNet has the module tree of ldm's `openaimodel.UNetModel` (`input_blocks`, `middle_block`,
 `output_blocks`, `SpatialTransformer` at index 1 of a block, `transformer_blocks.N.attn1`), so
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hosts.a1111 import FamGeneration
+from .hosts.a1111 import A1111Generation
 from .layers import discover
 from .params import FamParams
 from .schedule import VPSchedule
@@ -310,7 +310,7 @@ def sample_euler(model, x, sigmas, extra):
 # ---- the engine -----------------------------------------------------------------------
 class A1111Engine:
     """Native pass + Hires fix (latent, bicubic, denoising 1.0) as A1111 runs them, plain or
-    with FAM through `FamGeneration` (installed for one generation, removed in `finally`)."""
+    with FAM through `A1111Generation` (installed for one generation, removed in `finally`)."""
 
     name = "a1111"
 
@@ -354,7 +354,7 @@ class A1111Engine:
 
         extra = dict(uncond=self.uncond, cond=self.cond, cond_scale=7.0)
         sigmas = self.sigmas(steps)
-        gen = FamGeneration(params, self.layout, self.schedule, "bench") if params else None
+        gen = A1111Generation(params, self.layout, self.schedule, "bench") if params else None
         p = SimpleNamespace(sd_model=SimpleNamespace(model=SimpleNamespace(diffusion_model=self.unet)))
 
         def sampler():   # a new one per pass, as A1111's

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fam.hosts.a1111 import (Attn1Hook, FamGeneration, RowCursor, cfg_roles, cond_repeats,
-                             native_cond, with_native_size)
+from fam.hosts.a1111 import (A1111Generation, Attn1Hook, RowCursor, a1111_roles, cond_repeats,
+                             native_cond)
+from fam.hosts.sdxl import with_native_size
 from fam.hosts.webui import reference_size
 from fam.hosts.webui_args import FamRequestError
 from fam.frequency import frequency_modulate
@@ -53,7 +54,7 @@ def generate(unet, params=ON, batch=1, parts=1, split=None, skip_uncond=False, v
     noise_h = torch.randn(batch, 4, *HIRES, generator=g).to(device, dtype)
     gen, p = None, SimpleNamespace(sd_model=sd_model(unet))
     if params.enabled:
-        gen = FamGeneration(params, discover(unet), SCHEDULE, "tiny")
+        gen = A1111Generation(params, discover(unet), SCHEDULE, "tiny")
         gen.install()
     try:
         with torch.no_grad():
@@ -89,8 +90,8 @@ def forwards(unet):
 
 
 # ---- row roles ------------------------------------------------------------------------
-def test_cfg_roles_follow_the_webui_layout():
-    assert cfg_roles([2, 1]) == [Role(0, False, 0), Role(0, False, 1), Role(1, False, 0),
+def test_a1111_roles_follow_the_webui_layout():
+    assert a1111_roles([2, 1]) == [Role(0, False, 0), Role(0, False, 1), Role(1, False, 0),
                                  Role(0, True), Role(1, True)]
 
 
@@ -101,7 +102,7 @@ def test_cond_repeats_counts_and_parts_per_image():
 
 def test_row_cursor_hands_split_calls_their_roles():
     c = RowCursor()
-    c.reset(cfg_roles([2, 1]))
+    c.reset(a1111_roles([2, 1]))
     assert c.take(2) == [Role(0, False, 0), Role(0, False, 1)]
     assert c.take(1) == [Role(1, False, 0)]
     assert c.take(2) == [Role(0, True), Role(1, True)]
@@ -115,12 +116,12 @@ def test_hook_dispatches_other_calls_to_the_class_forward_and_restores():
     x = torch.randn(2, 16, layer.module.to_q.in_features)
     context = torch.randn(2, 3, x.shape[-1])
     ref, ref_ctx = layer.module(x), layer.module(x, context=context)
-    gen = SimpleNamespace(in_unet_call=False, run=None)
-    hook = Attn1Hook(gen, layer)
+    hooks = SimpleNamespace(in_unet_call=False, run=None)
+    hook = Attn1Hook(hooks, layer)
     hook.install()
     assert layer.module.forward is hook
     assert torch.equal(layer.module(x), ref)
-    gen.in_unet_call = True       # inside a FAM UNet call, cross-attention still passes
+    hooks.in_unet_call = True       # inside a FAM UNet call, cross-attention still passes
     assert torch.equal(layer.module(x, context=context), ref_ctx)
     hook.remove()
     assert "forward" not in layer.module.__dict__
@@ -174,11 +175,11 @@ def test_hook_keeps_an_earlier_instance_wrapper_and_survives_one_put_on_top():
 
 def test_double_install_is_refused():
     unet = sd1_like()
-    gen = FamGeneration(ON, discover(unet), SCHEDULE)
+    gen = A1111Generation(ON, discover(unet), SCHEDULE)
     gen.install()
     try:
         with pytest.raises(RuntimeError, match="already installed"):
-            FamGeneration(ON, discover(unet), SCHEDULE).install()
+            A1111Generation(ON, discover(unet), SCHEDULE).install()
     finally:
         gen.remove()
     assert all(v is None for v in forwards(unet).values())
@@ -264,7 +265,7 @@ def test_timestep_samplers_in_vp_form(device):
 
 def test_sigma_matching_uses_the_nearest_native_step():
     unet = sd1_like()
-    gen = FamGeneration(ON, discover(unet), SCHEDULE)
+    gen = A1111Generation(ON, discover(unet), SCHEDULE)
     cond, uncond = conds()
     gen.install()
     try:
@@ -281,7 +282,7 @@ def test_sigma_matching_uses_the_nearest_native_step():
 
 def test_failed_setup_makes_the_sampler_raise_and_comes_off():
     unet = sd1_like()
-    gen = FamGeneration(ON, discover(unet), SCHEDULE)
+    gen = A1111Generation(ON, discover(unet), SCHEDULE)
     cfg = CFG(unet)
     error = FamRequestError("FAM: broken")
     gen.fail(sampler_of(cfg), error)
@@ -295,7 +296,7 @@ def test_failed_setup_makes_the_sampler_raise_and_comes_off():
 def test_hooks_come_off_when_the_pass_raises():
     unet = sd1_like()
     before = forwards(unet)
-    gen = FamGeneration(ON, discover(unet), SCHEDULE)
+    gen = A1111Generation(ON, discover(unet), SCHEDULE)
     gen.install()
     cfg = CFG(unet)
     gen.record_native(SimpleNamespace(), sampler_of(cfg), vp=False)
@@ -310,14 +311,14 @@ def test_hooks_come_off_when_the_pass_raises():
 
 
 def test_hires_model_of_another_architecture_is_refused_by_name():
-    gen = FamGeneration(ON, discover(sd1_like()), SCHEDULE)
+    gen = A1111Generation(ON, discover(sd1_like()), SCHEDULE)
     with pytest.raises(FamRequestError, match="xl.safetensors.*different architecture"):
         gen.move_to(discover(sdxl_like()), "xl.safetensors")
 
 
 def test_hires_model_of_the_same_architecture_takes_the_hooks():
     a, b = sd1_like(0), sd1_like(1)
-    gen = FamGeneration(ON, discover(a), SCHEDULE)
+    gen = A1111Generation(ON, discover(a), SCHEDULE)
     gen.install()
     gen.move_to(discover(b), "b")
     assert all(isinstance(l.module.__dict__.get("forward"), Attn1Hook) for l in gen.layers)
@@ -345,7 +346,7 @@ def test_reference_size_keeps_aspect_at_native_area(size, native, expect):
 
 def test_a_unet_that_never_calls_its_attn1_layers_is_noted():
     hooked, other = sd1_like(0), sd1_like(1)      # e.g. a TensorRT engine runs instead
-    gen = FamGeneration(ON, discover(hooked), SCHEDULE)
+    gen = A1111Generation(ON, discover(hooked), SCHEDULE)
     gen.install()
     cond, uncond = conds()
     try:
@@ -556,7 +557,7 @@ def test_fm_reaches_the_latent_the_sampler_continues_from(kind):
     with torch.no_grad():
         want = (a1111_like.unipc(CFG(unet, vp=True), start.clone(), TIMESTEPS, cond, uncond, fm=by_hand)
                 if kind == "unipc" else None)
-        gen = FamGeneration(params, discover(unet), SCHEDULE)
+        gen = A1111Generation(params, discover(unet), SCHEDULE)
         cfg = CFG(unet, vp=True)
         progress = lambda d: None  # noqa: E731
         sampler = SimpleNamespace(model_wrap_cfg=cfg, func=loop, callback_state=progress)

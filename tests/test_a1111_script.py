@@ -92,13 +92,13 @@ def test_hires_fix_with_fam_and_p_left_as_found(web, model):
 def test_fam_reference_is_the_bicubic_first_pass_latent(web, model, monkeypatch):
     """Hires upscaler "Latent" is bilinear; FAM's z̃₀ is bicubic (spec §1 step 2)."""
     seen = []
-    guide = a1111.FamGeneration.guide_hires
+    guide = a1111.A1111Generation.guide_hires
 
     def spy(self, p, sampler, z0, eps, vp, reference=None, native_hw=None):
         seen.append((z0.clone(), self.first_pass_latent, eps))
         return guide(self, p, sampler, z0, eps, vp, reference, native_hw)
 
-    monkeypatch.setattr(a1111.FamGeneration, "guide_hires", spy)
+    monkeypatch.setattr(a1111.A1111Generation, "guide_hires", spy)
     web.process_images(web.txt2img(model, FAM))
     z0, native, eps = seen[0]
     assert native.shape[-2:] == (8, 8) and z0.shape == eps.shape == (1, 4, 16, 16)

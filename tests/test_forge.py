@@ -13,9 +13,11 @@ import torch.nn.functional as F
 
 import forge_like
 from a1111_like import BETAS, SCHEDULE, TIMESTEPS, conds, ddim, euler, sigmas
-from fam.hosts.forge import (FAM_MARK, ForgeGeneration, chunk_roles, forge_generation,
-                             forge_layout, forge_schedule, low_vram_mode, native_kwargs,
-                             native_size_vector, sdpa_attention, webui_attention)
+from fam.hosts.forge import (ForgeGeneration, forge_generation, forge_layout, forge_schedule,
+                             low_vram_mode, webui_attention)
+from fam.hosts.patcher import chunk_roles, native_kwargs, sdpa_attention
+from fam.hosts.sdxl import native_size_vector
+from fam.hosts.unet_hooks import GEN_ATTR
 from fam.hosts.webui import native_side
 from fam.hosts.webui_args import FamRequestError
 from fam.params import FamParams
@@ -390,7 +392,7 @@ def test_leftover_clone_functions_are_inert_after_remove():
     model.forge_objects.unet = r.unet.clone()
     model.forge_objects.unet.model_options = {"transformer_options": {}}
     assert torch.equal(inert, forge_generate(model, FamParams()).out)
-    assert getattr(r.unet.model_options["model_function_wrapper"], FAM_MARK) is r.gen
+    assert getattr(r.unet.model_options["model_function_wrapper"], GEN_ATTR) is r.gen.hooks
 
 
 def test_failed_setup_makes_the_sampler_raise_and_comes_off():

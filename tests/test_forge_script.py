@@ -11,7 +11,7 @@ import torch
 
 import forge_like
 from a1111_like import MiniWebUI, sd_model as a1111_model
-from fam.hosts.forge import FAM_MARK
+from fam.hosts.unet_hooks import GEN_ATTR
 from fam.hosts.webui_args import FamRequestError
 from fam.params import FamParams
 from ldm_like import LdmUNet, sd1_like, sdxl_like
@@ -51,7 +51,7 @@ def has_fam(patcher):
     fns = list(to.get("patches", {}).get("attn1_patch", ()))
     fns += list(to.get("patches_replace", {}).get("attn1", {}).values())
     fns.append(opts.get("model_function_wrapper"))
-    return any(getattr(f, FAM_MARK, None) is not None for f in fns)
+    return any(getattr(f, GEN_ATTR, None) is not None for f in fns)
 
 
 def assert_left_as_found(p, model, state):
