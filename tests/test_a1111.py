@@ -464,8 +464,8 @@ def test_reference_path_conditions_native_calls_on_the_native_size():
     c = Conditioner()
     hires_vector = c.vector(HIRES[0] * 8, HIRES[1] * 8)
     r = generate(sdxl_like(), reference=True, conditioner=c,
-                 hires_kw=dict(vector=hires_vector, keep=True))
-    calls = [(hw, cond["vector"]) for hw, cond in r.cfg.model_wrap.seen]
+                 hires_kw=dict(vector=hires_vector, log=[]))
+    calls = [(hw, cond["vector"]) for hw, cond in r.cfg.model_wrap.log]
     native = [v for hw, v in calls if hw == NATIVE]
     assert len(native) == 4 and r.run.am_calls > 0
     assert all(torch.equal(v, c.vector(NATIVE[0] * 8, NATIVE[1] * 8).expand_as(v)) for v in native)
@@ -480,11 +480,11 @@ def test_a_unet_hook_holding_high_res_inputs_skips_am_instead_of_failing(path):
     native_sizes = []
 
     def hint_hook():
-        def forward(x, context):
+        def forward(x, *args, **kwargs):
             if tuple(x.shape[-2:]) != HIRES:
                 native_sizes.append(tuple(x.shape[-2:]))
                 x + torch.zeros(1, 1, *HIRES)          # the shape error ControlNet would raise
-            return type(unet).forward(unet, x, context)
+            return type(unet).forward(unet, x, *args, **kwargs)
         unet.forward = forward
 
     try:
@@ -502,10 +502,10 @@ def test_out_of_memory_in_a_replay_is_not_swallowed():
     unet = sd1_like()
 
     def oom():
-        def forward(x, context):
+        def forward(x, *args, **kwargs):
             if tuple(x.shape[-2:]) != HIRES:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-            return type(unet).forward(unet, x, context)
+            return type(unet).forward(unet, x, *args, **kwargs)
         unet.forward = forward
 
     try:

@@ -16,7 +16,7 @@ from a1111_like import ROOT, MiniWebUI, sd_model
 from fam.hosts import a1111
 from fam.hosts.webui_args import FamRequestError
 from fam.params import FamParams
-from ldm_like import LdmUNet, sd1_like, sdxl_like
+from ldm_like import sd1_like, sd1_without_top_attention, sdxl_like
 
 FAM = [{"enabled": True}]
 
@@ -40,8 +40,7 @@ def model():
 @pytest.fixture(scope="module")
 def big_model():
     """For img2img above 512² (FAM's SD1 native size): no attention at full latent size."""
-    torch.manual_seed(0)
-    return sd_model(LdmUNet(ch=(16, 32, 32, 32), attn_levels=(1, 2)).eval())
+    return sd_model(sd1_without_top_attention())
 
 
 def forwards(model):
@@ -141,11 +140,11 @@ def test_an_exception_in_the_first_pass_leaves_nothing_behind(web, model):
     unet = model.model.diffusion_model
     calls = {"n": 0}
 
-    def failing(x, context):
+    def failing(x, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("boom")
-        return type(unet).forward(unet, x, context)
+        return type(unet).forward(unet, x, *args, **kwargs)
 
     p = web.txt2img(model, FAM)
     unet.forward = failing

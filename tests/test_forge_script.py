@@ -14,7 +14,7 @@ from a1111_like import MiniWebUI, sd_model as a1111_model
 from fam.hosts.unet_hooks import GEN_ATTR
 from fam.hosts.webui_args import FamRequestError
 from fam.params import FamParams
-from ldm_like import LdmUNet, sd1_like, sdxl_like
+from ldm_like import sd1_like, sd1_without_top_attention, sdxl_like
 from test_a1111_script import fresh_log, image, web  # noqa: F401 - the same miniature WebUI
 from test_forge import SIGMA_TABLE
 
@@ -135,8 +135,7 @@ def test_timestep_samplers(web, sampler):
 # ---- img2img and the upscale button -----------------------------------------------------------
 @pytest.mark.parametrize("flavor", ["main", "classic"])
 def test_img2img_upscaling_on_the_reference_path(web, flavor):
-    torch.manual_seed(0)
-    unet = forge_like.forge_unet(LdmUNet(ch=(16, 32, 32, 32), attn_levels=(1, 2)).eval())
+    unet = forge_like.forge_unet(sd1_without_top_attention())
     model = forge_like.sd_model(unet, SIGMA_TABLE)
     state = base_state(model)
     kw = dict(init_images=[image()], width=520, height=520, flavor=flavor)
