@@ -13,6 +13,7 @@ a VAE stand-in that samples its posterior with the global RNG."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import types
@@ -31,6 +32,29 @@ TIMESTEPS = [1, 251, 501, 751, 999]
 
 
 # ---- torch level --------------------------------------------------------------------------
+@contextlib.contextmanager
+def host_reads():
+    """Counts the tensor values read on the host while it is open (on a GPU each is a
+    device→host synchronisation): `with host_reads() as n: ...; n[0]`."""
+    count = [0]
+    names = ("__float__", "__int__", "__index__", "__bool__", "item", "tolist")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counted(read):
+        def wrapper(self, *args, **kwargs):
+            count[0] += 1
+            return read(self, *args, **kwargs)
+        return wrapper
+
+    for name, read in originals.items():
+        setattr(torch.Tensor, name, counted(read))
+    try:
+        yield count
+    finally:
+        for name, read in originals.items():
+            setattr(torch.Tensor, name, read)
+
+
 def conds(batch=1, parts=1, seed=0, dim=8):
     g = torch.Generator().manual_seed(seed)
     multicond = SimpleNamespace(batch=[[torch.randn(3, dim, generator=g) for _ in range(parts)]

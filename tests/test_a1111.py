@@ -21,7 +21,8 @@ from fam.params import FamParams
 from fam.record import Role
 from fam.schedule import noised_reference
 import a1111_like
-from a1111_like import BETAS, CFG, SCHEDULE, TIMESTEPS, conds, ddim, euler, sd_model, sigmas
+from a1111_like import (BETAS, CFG, SCHEDULE, TIMESTEPS, conds, ddim, euler, host_reads, sd_model,
+                        sigmas)
 from ldm_like import sd1_like, sdxl_like
 
 ON = FamParams(enabled=True)
@@ -260,7 +261,24 @@ def test_timestep_samplers_in_vp_form(device):
     r = generate(unet, vp=True, device=device)
     assert torch.isfinite(r.out).all() and r.gen.run.fm_calls == 5 and not r.gen.run.am_skipped
     assert r.gen.run.am_calls == 5 * len(r.gen.layers)
-    assert r.gen.sigma_of(torch.tensor([501.0]), vp=True) == pytest.approx(SCHEDULE.t_to_sigma(501))
+    # the pass ran a timestep sampler: its CFG calls pass t
+    assert r.gen.sigma_of(torch.tensor([501.0])) == pytest.approx(SCHEDULE.t_to_sigma(501))
+
+
+@pytest.mark.parametrize("vp", [False, True], ids=["sigma", "timesteps"])
+def test_sigma_is_read_once_per_cfg_call_however_the_batch_is_split(vp):
+    """On a GPU every host read of σ waits for the device: one per CFG call (in the CFG
+    denoiser), none per inner UNet call."""
+    unet = sd1_like()
+    extra = {}
+    for split in (None, 1):
+        with host_reads() as fam:
+            r = generate(unet, batch=2, split=split, vp=vp)
+        with host_reads() as plain:
+            generate(unet, FamParams(), batch=2, split=split, vp=vp)
+        extra[split] = fam[0] - plain[0]
+        assert r.run.am_calls > 0 and not r.run.am_skipped
+    assert extra[None] == extra[1] == len(r.cfg.rows_seen) * 2   # both passes, 4 steps each
 
 
 def test_sigma_matching_uses_the_nearest_native_step():

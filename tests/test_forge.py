@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import forge_like
-from a1111_like import BETAS, SCHEDULE, TIMESTEPS, conds, ddim, euler, sigmas
+from a1111_like import BETAS, SCHEDULE, TIMESTEPS, conds, ddim, euler, host_reads, sigmas
 from fam.hosts.forge import (ForgeGeneration, forge_generation, forge_layout, forge_schedule,
                              low_vram_mode, webui_attention)
 from fam.hosts.patcher import chunk_roles, native_kwargs, sdpa_attention
@@ -283,6 +283,22 @@ def test_record_and_recompute_paths_agree():
     rep = forge_generate(model, ON.replace(record_budget_mb=0), batch=2, parts=2, max_chunks=2)
     assert rep.info == {"FAM AM path": "recompute"} and rep.gen.run.replays == 4 * 2
     assert torch.equal(rec.out, rep.out)
+
+
+@pytest.mark.parametrize("vp", [False, True], ids=["sigma", "timesteps"])
+def test_sigma_is_read_once_per_cfg_call_however_the_batch_is_chunked(vp):
+    """On a GPU every host read of σ waits for the device: one per CFG call (in the CFG
+    denoiser), none per UNet batch; +1 per generation for Forge's σ table."""
+    model = forge_model(sd1_like)
+    extra = {}
+    for chunks in (None, 1):
+        with host_reads() as fam:
+            r = forge_generate(model, batch=2, max_chunks=chunks, vp=vp)
+        with host_reads() as plain:
+            forge_generate(model, FamParams(), batch=2, max_chunks=chunks, vp=vp)
+        extra[chunks] = fam[0] - plain[0]
+        assert r.gen.run.am_calls > 0 and not r.gen.run.am_skipped
+    assert extra[None] == extra[1] == r.cfg.step * 2 + 1   # both passes
 
 
 def test_sigma_matching_keys_the_record_by_the_unets_sigma():

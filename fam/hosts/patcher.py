@@ -224,7 +224,8 @@ class PatcherHooks(UNetHooks):
         kinds = inputs.args.get("cond_or_uncond") or ()
         roles = chunk_roles(kinds, x.shape[0], self._part)
         self._part += sum(1 for k in kinds if k == 0)
-        sigma = float(t.flatten()[0])   # the patcher's UNet always gets σ (timestep samplers too)
+        # the CFG call's σ when the host gave it, else one read (the UNet always gets σ)
+        sigma = self.sigma if self.sigma is not None else float(t.flatten()[0])
         self.open_call(sigma, roles, x, inputs)
         return self.inside(_through, *inputs)
 
