@@ -390,6 +390,25 @@ def test_an_attn1_replacement_set_after_fams_is_noted():
                                   "replaced the attention of the AM layers after FAM")
 
 
+def test_an_attn1_replacement_set_before_fams_is_kept_and_noted():
+    """Another extension's attention on an AM layer, there before FAM: it keeps running and
+    the infotext says AM did not run there, as for one set after FAM."""
+    calls = []
+
+    def theirs(q, k, v, extra):
+        calls.append(q.shape[1])
+        return sdpa_attention(q, k, v, extra["n_heads"])
+
+    model = forge_model(sd1_like)
+    model.forge_objects.unet.set_model_attn1_replace(theirs, "output", 3, 0)
+    r = forge_generate(model)
+    assert r.info["FAM note"] == (f"AM did not run in 4 of {4 * 3} calls: another extension "
+                                  "replaced the attention of the AM layers before FAM")
+    hires_tokens = (HIRES[0] // 4) * (HIRES[1] // 4)
+    assert calls.count(hires_tokens) == 4 and len(calls) == 8     # native and hires pass
+    assert r.gen.run.am_calls == 4 * 2 and not r.gen.run.am_skipped
+
+
 def test_a_unet_wrapper_replaced_after_fams_is_noted():
     def wrapper(apply_model, args):
         return apply_model(args["input"], args["timestep"], **args["c"])

@@ -132,6 +132,8 @@ class PatcherHooks(UNetHooks):
         self._part = 0                                  # next AND part in this CFG step
         self._late_skips = 0
         self._fetched = self._applied = 0   # AM contexts the attn1 patch got / the replace used
+        self._taken: set[str] = set()       # AM layers another extension replaced before FAM
+        self._taken_calls = 0
 
     @staticmethod
     def _keys(layers):
@@ -157,7 +159,12 @@ class PatcherHooks(UNetHooks):
         _strip(unet.model_options)
         unet.set_model_attn1_patch(self._attn1_patch())
         if self.run.phase == HIRES:
+            theirs = (unet.model_options.get("transformer_options", {})
+                      .get("patches_replace", {}).get("attn1", {}))
             for layer in self.layers:
+                if (layer.block, layer.index, layer.transformer) in theirs:
+                    self._taken.add(layer.name)   # another extension's attention stays
+                    continue
                 unet.set_model_attn1_replace(self._attn1_replace(layer), layer.block,
                                              layer.index, layer.transformer)
         unet.set_model_unet_function_wrapper(
@@ -173,6 +180,10 @@ class PatcherHooks(UNetHooks):
         elif lost:
             note = (f"AM did not run in {lost} of {self._fetched} calls: another "
                     "extension replaced the attention of the AM layers after FAM")
+        elif self._taken_calls:
+            note = (f"AM did not run in {self._taken_calls} of "
+                    f"{self._taken_calls + self._fetched} calls: another extension replaced "
+                    "the attention of the AM layers before FAM")
         elif run.params.am_active and not self.paused and self.steps and not self.hires_calls:
             note = f"AM did not run: another extension replaced {self.host}'s UNet function wrapper"
         else:
@@ -183,7 +194,11 @@ class PatcherHooks(UNetHooks):
     def _attn1_patch(self):
         def attn1_patch(n, context, value, extra_options):
             layer = self._layer_of(extra_options)
-            if layer is not None and self.in_unet_call:
+            if layer is None or not self.in_unet_call:
+                return n, context, value
+            if self.run.phase == HIRES and layer.name in self._taken:
+                self._taken_calls += 1
+            else:
                 ctx = self.run.on_attn1(layer.name, n)
                 self._pending = (layer.name, ctx)
                 self._fetched += ctx is not None
