@@ -253,8 +253,15 @@ class FamRun:
         out = {}
         if self.record is not None and self.params.am_active and self.record.recompute:
             out["FAM AM path"] = "recompute"
-        if self.memory.pin_failed:
-            out["FAM record"] = "not page-locked (cudaHostRegister failed): copies are synchronous"
+        memory, record_notes = self.memory, []
+        if memory.unpinned_bytes:
+            record_notes.append(f"{memory.unpinned_bytes / 2**20:.1f} MiB pageable (page-locked "
+                                "memory kept under half the RAM free at the start): "
+                                "their copies are synchronous")
+        if memory.pin_failed:
+            record_notes.append("not page-locked (cudaHostRegister failed): copies are synchronous")
+        if record_notes:
+            out["FAM record"] = "; ".join(record_notes)
         skipped = sum(self.am_skipped.values())
         if skipped:
             reasons = "; ".join(f"{n}x {r}" for r, n in self.am_skipped.most_common())

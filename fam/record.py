@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from .transfer import HostMemory, Streams
+from .transfer import HostMemory, Streams, pin_limit
 
 __all__ = ["Role", "Segment", "NativeEntry", "EntryMaps", "NativeRecord", "ReferenceRecord"]
 
@@ -207,6 +207,8 @@ class NativeRecord:
         self.device = device
         self.offload = self.offload_wanted and device.type in self.offload_devices
         self.streams = Streams(device)
+        if self.offload:   # the free RAM now bounds what the record may page-lock
+            self.memory.pin_limit = pin_limit()
         if self.offload and device.type == "cuda":
             self.memory.pin, self.memory.device = True, device
 
