@@ -59,7 +59,7 @@ def generate(unet, params=ON, batch=1, parts=1, split=None, skip_uncond=False, v
         gen.install()
     try:
         with torch.no_grad():
-            cfg = CFG(unet, vp, split, skip_uncond, **(native_kw or {}))
+            cfg = CFG(unet, vp, split, **{"skip_uncond": skip_uncond, **(native_kw or {})})
             if gen and not reference:
                 gen.record_native(p, sampler_of(cfg), vp)
             if vp:
@@ -70,7 +70,7 @@ def generate(unet, params=ON, batch=1, parts=1, split=None, skip_uncond=False, v
                 between()
             p.sd_model = sd_model(hires_unet, conditioner=conditioner)
             z0 = F.interpolate(native.float(), size=HIRES, mode="bicubic").to(dtype)
-            cfg = CFG(hires_unet, hires_vp, split, skip_uncond, **(hires_kw or {}))
+            cfg = CFG(hires_unet, hires_vp, split, **{"skip_uncond": skip_uncond, **(hires_kw or {})})
             if gen:
                 gen.guide_hires(p, sampler_of(cfg), z0, noise_h, hires_vp,
                                 reference=native if reference else None)
@@ -488,6 +488,23 @@ def test_reference_path_conditions_native_calls_on_the_native_size():
     assert len(native) == 4 and r.run.am_calls > 0
     assert all(torch.equal(v, c.vector(NATIVE[0] * 8, NATIVE[1] * 8).expand_as(v)) for v in native)
     assert all(torch.equal(v, hires_vector.expand_as(v)) for hw, v in calls if hw == HIRES)
+
+
+# ---- row roles the first pass never ran ---------------------------------------------------
+@pytest.mark.parametrize("budget", [8192, 0], ids=["record", "recompute"])
+@pytest.mark.parametrize("skipped", [True, {2, 3}], ids=["every step", "late steps (NGMS)"])
+def test_uncond_rows_the_first_pass_skipped_take_the_cond_map(skipped, budget):
+    """A1111 drops the uncond rows of some first-pass steps (NGMS, skip early CFG): hires
+    calls at those σ still modulate every row; the uncond rows borrow their image's cond map."""
+    unet = sd1_like()
+    r = generate(unet, ON.replace(record_budget_mb=budget), batch=2,
+                 native_kw=dict(skip_uncond=skipped))
+    steps = 4 if skipped is True else len(skipped)
+    assert not r.run.am_skipped and r.run.am_calls == 4 * len(r.gen.layers)
+    assert r.run.am_borrowed == steps * len(r.gen.layers) and not r.run.am_partial
+    assert r.info["FAM AM fallback"] == (
+        f"{r.run.am_borrowed} of {r.run.am_calls} calls: rows of a CFG branch the first pass "
+        "did not run took their image's other branch's map")
 
 
 # ---- hooks of other extensions on native replays (probable defect: ControlNet) -------------

@@ -55,7 +55,8 @@ def job(model, batch=1, steps=4):
 
 
 def forge_generate(model, params=ON, batch=1, parts=1, max_chunks=None, vp=False,
-                   reference=False, hires_scale=5.0, double_hook=False, with_reset=True,
+                   reference=False, native_scale=5.0, hires_scale=5.0, double_hook=False,
+                   with_reset=True,
                    inference_mode=False, after_fam=None):
     """Native pass then high-res pass as Forge runs them, with `generate`'s inputs, FAM on
     both when enabled; the UNet reset before each pass; the hires hook run once or twice
@@ -74,8 +75,8 @@ def forge_generate(model, params=ON, batch=1, parts=1, max_chunks=None, vp=False
             cfg = sampler.model_wrap_cfg = forge_like.CFGDenoiser(model, max_chunks, timesteps=vp)
             if gen and not reference:
                 gen.record_native(p, sampler, vp)
-            native = (ddim(cfg, noise_n, TIMESTEPS, cond, uncond) if vp
-                      else euler(cfg, noise_n * 14.6, sigmas(), cond, uncond))
+            native = (ddim(cfg, noise_n, TIMESTEPS, cond, uncond, scale=native_scale) if vp
+                      else euler(cfg, noise_n * 14.6, sigmas(), cond, uncond, scale=native_scale))
             z0 = F.interpolate(native.float(), size=HIRES, mode="bicubic")
             if not (gen and double_hook):   # Forge main's first hires call sees the old UNet
                 reset(model, base)
@@ -256,6 +257,22 @@ def test_hires_cfg_one_runs_am_on_cond_rows_only():
     assert r.cfg.calls == [[0]] * 4
     assert not r.gen.run.am_skipped and r.gen.run.am_calls == 4 * len(r.gen.layers)
     plain = forge_generate(model, FamParams(), batch=2, hires_scale=1.0).out
+    assert not torch.equal(r.out, plain) and torch.isfinite(r.out).all()
+
+
+@pytest.mark.parametrize("budget", [8192, 0], ids=["record", "recompute"])
+@pytest.mark.parametrize("chunks", [None, 1])
+def test_uncond_rows_a_first_pass_at_cfg_1_never_ran_take_the_cond_map(budget, chunks):
+    """Forge's Hires CFG above a first pass at CFG 1: the native pass has cond rows only. The
+    uncond rows borrow their image's cond map; the cond rows are modulated as always."""
+    model = forge_model(sd1_like)
+    r = forge_generate(model, ON.replace(record_budget_mb=budget), batch=2, native_scale=1.0,
+                       max_chunks=chunks)
+    run = r.gen.run
+    assert not run.am_skipped and run.am_calls == 4 * len(r.gen.layers) * (2 if chunks else 1)
+    assert run.am_borrowed == run.am_calls // (2 if chunks else 1) and not run.am_partial
+    assert r.info["FAM AM fallback"].startswith(f"{run.am_borrowed} of {run.am_calls} calls")
+    plain = forge_generate(model, FamParams(), batch=2, native_scale=1.0, max_chunks=chunks).out
     assert not torch.equal(r.out, plain) and torch.isfinite(r.out).all()
 
 

@@ -128,7 +128,7 @@ class PatcherHooks(UNetHooks):
         self.native_vector = native_vector
         self.steps = 0                  # high-res CFG steps
         self._by_key = self._keys(self.layers)
-        self._pending: tuple[str, Any] | None = None   # attn1 patch -> attn1 replace
+        self._pending: tuple[str, Any, int] | None = None   # attn1 patch -> attn1 replace
         self._part = 0                                  # next AND part in this CFG step
         self._late_skips = 0
         self._fetched = self._applied = 0   # AM contexts the attn1 patch got / the replace used
@@ -200,7 +200,7 @@ class PatcherHooks(UNetHooks):
                 self._taken_calls += 1
             else:
                 ctx = self.run.on_attn1(layer.name, n)
-                self._pending = (layer.name, ctx)
+                self._pending = (layer.name, ctx, n.shape[0])
                 self._fetched += ctx is not None
             return n, context, value
         return _mark(attn1_patch, self)
@@ -209,10 +209,10 @@ class PatcherHooks(UNetHooks):
         def attn1_replace(q, k, v, extra_options):
             pending, self._pending = self._pending, None
             heads = int(extra_options.get("n_heads") or layer.heads)
-            ctx = pending[1] if pending is not None and pending[0] == layer.name else None
-            if ctx is not None:
+            name, ctx, rows = pending if pending is not None else (None, None, 0)
+            if ctx is not None and name == layer.name:
                 tokens = ctx.hires_hw[0] * ctx.hires_hw[1]
-                if q.shape[:2] == k.shape[:2] == v.shape[:2] == (ctx.native_hidden.shape[0], tokens):
+                if q.shape[:2] == k.shape[:2] == v.shape[:2] == (rows, tokens):
                     self._applied += 1
                     return am_projected_attention(q, k, v, heads, layer.module, ctx)
                 self._late_skips += 1
