@@ -382,7 +382,7 @@ def test_a_unet_that_never_calls_its_attn1_layers_is_noted():
         gen.remove()
 
 
-# ---- λ = 0 and AM off cost nothing (issue 7, defect 4) --------------------------------------
+# ---- λ = 0 and AM off cost nothing ------------------------------------------------------------
 @pytest.mark.parametrize("path", ["record", "recompute", "reference"])
 @pytest.mark.parametrize("off", [dict(am_lambda=0.0), dict(am_enabled=False)], ids=["lambda0", "am_off"])
 def test_am_that_cannot_change_anything_costs_nothing(path, off):

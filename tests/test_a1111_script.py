@@ -89,7 +89,7 @@ def test_hires_fix_with_fam_and_p_left_as_found(web, model):
 
 
 def test_fam_reference_is_the_bicubic_first_pass_latent(web, model, monkeypatch):
-    """Hires upscaler "Latent" is bilinear; FAM's z̃₀ is bicubic (spec §1 step 2)."""
+    """Hires upscaler "Latent" is bilinear; FAM's z̃₀ is bicubic (docs/method.md §1 step 2)."""
     seen = []
     guide = a1111.A1111Generation.guide_hires
 
