@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.ldm import CFG, SD_BETAS as BETAS, SD_SCHEDULE as SCHEDULE, euler  # noqa: F401
+from fam.params import FamParams
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPHAS_CUMPROD = torch.cumprod(1 - BETAS, 0)
@@ -53,6 +54,16 @@ def host_reads():
     finally:
         for name, read in originals.items():
             setattr(torch.Tensor, name, read)
+
+
+def extra_host_reads(generate, model, **kw):
+    """Host reads a FAM generation makes beyond the same generation without FAM, and the FAM
+    generation's result: `generate(model, params=…, **kw)`."""
+    with host_reads() as fam:
+        result = generate(model, **kw)
+    with host_reads() as plain:
+        generate(model, FamParams(), **kw)
+    return fam[0] - plain[0], result
 
 
 def conds(batch=1, parts=1, seed=0, dim=8):

@@ -21,8 +21,8 @@ from fam.params import FamParams
 from fam.record import Role
 from fam.schedule import noised_reference
 import a1111_like
-from a1111_like import (BETAS, CFG, SCHEDULE, TIMESTEPS, conds, ddim, euler, host_reads, sd_model,
-                        sigmas)
+from a1111_like import (BETAS, CFG, SCHEDULE, TIMESTEPS, conds, ddim, euler, extra_host_reads,
+                        sd_model, sigmas)
 from ldm_like import sd1_like, sdxl_like
 
 ON = FamParams(enabled=True)
@@ -270,15 +270,10 @@ def test_sigma_is_read_once_per_cfg_call_however_the_batch_is_split(vp):
     """On a GPU every host read of σ waits for the device: one per CFG call (in the CFG
     denoiser), none per inner UNet call."""
     unet = sd1_like()
-    extra = {}
-    for split in (None, 1):
-        with host_reads() as fam:
-            r = generate(unet, batch=2, split=split, vp=vp)
-        with host_reads() as plain:
-            generate(unet, FamParams(), batch=2, split=split, vp=vp)
-        extra[split] = fam[0] - plain[0]
-        assert r.run.am_calls > 0 and not r.run.am_skipped
-    assert extra[None] == extra[1] == len(r.cfg.rows_seen) * 2   # both passes, 4 steps each
+    (whole, r), (split, s) = (extra_host_reads(generate, unet, batch=2, split=n, vp=vp)
+                              for n in (None, 1))
+    assert r.run.am_calls > 0 and not r.run.am_skipped and not s.run.am_skipped
+    assert whole == split == len(r.cfg.rows_seen) * 2   # both passes
 
 
 def test_sigma_matching_uses_the_nearest_native_step():

@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 
 import forge_like
-from a1111_like import BETAS, SCHEDULE, TIMESTEPS, conds, ddim, euler, host_reads, sigmas
+from a1111_like import BETAS, SCHEDULE, TIMESTEPS, conds, ddim, euler, extra_host_reads, sigmas
 from fam.hosts.forge import (ForgeGeneration, forge_generation, forge_layout, forge_schedule,
                              low_vram_mode, webui_attention)
 from fam.hosts.patcher import chunk_roles, native_kwargs, sdpa_attention
 from fam.hosts.sdxl import native_size_vector
 from fam.hosts.unet_hooks import GEN_ATTR
-from fam.hosts.webui import native_side
 from fam.hosts.webui_args import FamRequestError
 from fam.params import FamParams
 from fam.record import Role
@@ -307,15 +306,10 @@ def test_sigma_is_read_once_per_cfg_call_however_the_batch_is_chunked(vp):
     """On a GPU every host read of σ waits for the device: one per CFG call (in the CFG
     denoiser), none per UNet batch; +1 per generation for Forge's σ table."""
     model = forge_model(sd1_like)
-    extra = {}
-    for chunks in (None, 1):
-        with host_reads() as fam:
-            r = forge_generate(model, batch=2, max_chunks=chunks, vp=vp)
-        with host_reads() as plain:
-            forge_generate(model, FamParams(), batch=2, max_chunks=chunks, vp=vp)
-        extra[chunks] = fam[0] - plain[0]
-        assert r.gen.run.am_calls > 0 and not r.gen.run.am_skipped
-    assert extra[None] == extra[1] == r.cfg.step * 2 + 1   # both passes
+    (whole, r), (chunked, c) = (extra_host_reads(forge_generate, model, batch=2, max_chunks=n,
+                                                 vp=vp) for n in (None, 1))
+    assert r.gen.run.am_calls > 0 and not r.gen.run.am_skipped and not c.gen.run.am_skipped
+    assert whole == chunked == r.cfg.step * 2 + 1   # both passes
 
 
 def test_sigma_matching_keys_the_record_by_the_unets_sigma():
