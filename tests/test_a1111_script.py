@@ -16,7 +16,7 @@ from a1111_like import ROOT, MiniWebUI, sd_model
 from fam.hosts import a1111
 from fam.hosts.webui_args import FamRequestError
 from fam.params import FamParams
-from ldm_like import LdmUNet, sd1_like, sdxl_like
+from ldm_like import sd1_like, sd1_without_top_attention, sdxl_like
 
 FAM = [{"enabled": True}]
 
@@ -40,8 +40,7 @@ def model():
 @pytest.fixture(scope="module")
 def big_model():
     """For img2img above 512² (FAM's SD1 native size): no attention at full latent size."""
-    torch.manual_seed(0)
-    return sd_model(LdmUNet(ch=(16, 32, 32, 32), attn_levels=(1, 2)).eval())
+    return sd_model(sd1_without_top_attention())
 
 
 def forwards(model):
@@ -90,15 +89,15 @@ def test_hires_fix_with_fam_and_p_left_as_found(web, model):
 
 
 def test_fam_reference_is_the_bicubic_first_pass_latent(web, model, monkeypatch):
-    """Hires upscaler "Latent" is bilinear; FAM's z̃₀ is bicubic (spec §1 step 2)."""
+    """Hires upscaler "Latent" is bilinear; FAM's z̃₀ is bicubic (docs/method.md §1 step 2)."""
     seen = []
-    guide = a1111.FamGeneration.guide_hires
+    guide = a1111.A1111Generation.guide_hires
 
     def spy(self, p, sampler, z0, eps, vp, reference=None, native_hw=None):
         seen.append((z0.clone(), self.first_pass_latent, eps))
         return guide(self, p, sampler, z0, eps, vp, reference, native_hw)
 
-    monkeypatch.setattr(a1111.FamGeneration, "guide_hires", spy)
+    monkeypatch.setattr(a1111.A1111Generation, "guide_hires", spy)
     web.process_images(web.txt2img(model, FAM))
     z0, native, eps = seen[0]
     assert native.shape[-2:] == (8, 8) and z0.shape == eps.shape == (1, 4, 16, 16)
@@ -141,11 +140,11 @@ def test_an_exception_in_the_first_pass_leaves_nothing_behind(web, model):
     unet = model.model.diffusion_model
     calls = {"n": 0}
 
-    def failing(x, context):
+    def failing(x, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("boom")
-        return type(unet).forward(unet, x, context)
+        return type(unet).forward(unet, x, *args, **kwargs)
 
     p = web.txt2img(model, FAM)
     unet.forward = failing

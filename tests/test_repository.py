@@ -52,6 +52,24 @@ def test_markdown_links_resolve():
     assert "(docs/method.md)" in readme
 
 
+def test_the_readme_layout_lists_every_module():
+    """Every Python module of the package, the script and the benchmark is in README's
+    "Project layout": by its path, or by its name in its folder's row."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = readme.split("## Project layout", 1)[1].split("\n## ", 1)[0]
+    missing = []
+    for rel in tracked_files():
+        if not rel.endswith(".py") or not rel.startswith(("fam/", "scripts/", "benchmarks/")):
+            continue
+        folder, name = os.path.split(rel)
+        if f"`{rel}`" in section:
+            continue
+        if f"`{folder}/" in section and (name == "__init__.py" or f"`{name}`" in section):
+            continue
+        missing.append(rel)
+    assert not missing, missing
+
+
 def test_javascript_writes_no_html():
     """javascript/ may toggle classes and read inputs, never turn text into markup."""
     sinks = re.compile(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|"
