@@ -13,8 +13,8 @@ import os
 import sys
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # the WebUI puts an extension root on sys.path only while loading
-    sys.path.insert(0, _ROOT)
+if _ROOT not in sys.path:  # the WebUIs put an extension root first only while loading it;
+    sys.path.append(_ROOT)  # last, so its top-level names never shadow the WebUI's or others'
 
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
