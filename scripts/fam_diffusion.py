@@ -28,7 +28,8 @@ from modules.ui_components import InputAccordion  # noqa: E402
 from fam.hosts import a1111, forge  # noqa: E402
 from fam.hosts.webui import GEN_ATTR, SampleWrapper, begin_pass, check_request  # noqa: E402
 from fam.hosts.webui_args import (FamRequestError, apply_xyz_overrides, decode_args,  # noqa: E402
-                                  fields, infotext_value, with_xyz_override)
+                                  fields, infotext_value, screen_pasted_infotext,
+                                  with_xyz_override)
 from fam.params import FamParams  # noqa: E402
 
 TITLE = "FAM Diffusion"
@@ -184,3 +185,4 @@ def add_xyz_axes():
 
 add_xyz_axes()  # --nowebui builds the script UIs before any on_before_ui callback runs
 script_callbacks.on_before_ui(add_xyz_axes)
+script_callbacks.on_infotext_pasted(screen_pasted_infotext)

@@ -187,6 +187,7 @@ class MiniWebUI:
         self.state = SimpleNamespace(interrupted=False)
         self.opts = SimpleNamespace(sd_vae_encode_method="Full")
         self.logged: list[str] = []          # what A1111 would print as "*** Error running …"
+        self.infotext_pasted: list = []      # on_infotext_pasted callbacks
         self.encodes = 0
         self.xyz = self._xyz_module()
         self.modules = self._modules()
@@ -220,6 +221,7 @@ class MiniWebUI:
         scripts.Script, scripts.AlwaysVisible = Script, object()
         scripts.scripts_data = [SimpleNamespace(script_class=XyzScript, module=self.xyz)]
         mods["modules.script_callbacks"].on_before_ui = lambda fn: None
+        mods["modules.script_callbacks"].on_infotext_pasted = self.infotext_pasted.append
         mods["modules.shared"].opts = self.opts
         mods["modules.shared"].state = self.state
         mods["modules.images"].resize_image = lambda mode, im, w, h: im.resize((w, h))

@@ -250,6 +250,10 @@ def test_img2img_without_am_encodes_no_reference(web, big_model, lam):
     ("txt2img", [{"enabled": True, "am_lambda": 2}], "'am_lambda' = 2"),
     ("txt2img", [True, True, "wide"], "'fm_cutoff'"),
     ("txt2img", [{"enabled": True, "am_blocks": "0,1"}], r"AM blocks \[0, 1\] have no self-attention"),
+    ("txt2img", [{"enabled": True, "am_blocks": "²"}], "'am_blocks' = '²'"),
+    ("txt2img", [{"enabled": True, "record_budget_mb": 10**400}], "'record_budget_mb'"),
+    ("txt2img", [True, True, float("nan")], "'fm_cutoff' = nan"),
+    ("txt2img", [{"enabled": True, 7: 0.5}], "FAM setting '7'"),
     ("no_hires", FAM, "enable Hires. fix"),
     ("img2img_small", FAM, "larger than the model's native size 512x512"),
     ("img2img_mask", FAM, "does not inpaint"),
@@ -269,6 +273,37 @@ def test_errors_stop_the_generation_with_a_request_error(web, model, big_model, 
     assert e.value.status_code == 422 and not web.logged   # no hook raised: nothing logged
     assert_left_as_found(p, p.sd_model)
     assert_left_as_found(p, model)
+
+
+def test_any_decoding_failure_stops_the_generation_with_a_request_error(web, model, monkeypatch):
+    """The script runner swallows what `process` raises: a failure no check foresaw must
+    still reach the user, as the request's error."""
+    monkeypatch.setattr(FamParams, "from_dict", classmethod(lambda cls, d: {}["unforeseen"]))
+    p = web.txt2img(model, FAM)
+    with pytest.raises(FamRequestError, match="could not be read"):
+        web.process_images(p)
+    assert not web.logged
+    assert_left_as_found(p, model)
+
+
+def test_a_malformed_pasted_infotext_leaves_those_controls_unchanged(web, capsys):
+    """A1111's paste: the `on_infotext_pasted` callbacks, then each paste field's function;
+    an exception in one would be logged with a traceback. The API's `infotext` field runs
+    the functions without the callbacks: there a malformed entry is a 422 naming it."""
+    script = web.Script()
+    script.ui(False)
+    entries = {"FAM": "True", "FAM FM cutoff": "0.25", "FAM AM lambda": "1e400", "FAM AM blocks": "３"}
+    api = [fn for _, fn in script.infotext_fields]
+    with pytest.raises(FamRequestError, match="'am_lambda' = inf is invalid"):
+        [fn(entries) for fn in api]
+    pasted = dict(entries)
+    for callback in web.infotext_pasted:
+        callback("a lighthouse\nSteps: 4, FAM: True", pasted)
+    values = dict(zip(FamParams.names(), (fn(pasted) for fn in api)))
+    assert values == {**dict.fromkeys(FamParams.names()), "enabled": True, "fm_cutoff": 0.25}
+    log = capsys.readouterr().out
+    assert "Traceback" not in log and len(log.splitlines()) == 2
+    assert "'FAM AM lambda'" in log and "'FAM AM blocks'" in log and "digits 0-9" in log
 
 
 def test_request_errors_are_quiet_fastapi_errors():
