@@ -33,9 +33,11 @@ def _shown(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _setting(default, info_key, label, doc, lo=None, hi=None, step=None):
+def _setting(default, info_key, label, doc, lo=None, hi=None, step=None, advanced=False):
+    """`advanced`: an engine internal, shown in the UI's collapsed "Advanced" group."""
     return field(default=default, metadata=dict(
-        infotext=info_key, label=label, doc=doc, minimum=lo, maximum=hi, step=step))
+        infotext=info_key, label=label, doc=doc, minimum=lo, maximum=hi, step=step,
+        advanced=advanced))
 
 
 @dataclass(frozen=True)
@@ -70,11 +72,14 @@ class FamParams:
     record_budget_mb: int = _setting(
         8192, "FAM record budget", "Record budget (MiB)",
         "Memory the native attention record may take; above it the native UNet is re-run "
-        "at each high-res step instead (exact, slower).", 0, 65536, 64)
+        "at each high-res step instead (exact, slower). Lower it only if the high-res pass "
+        "runs out of memory (0 always re-runs).", 0, 65536, 64, advanced=True)
     record_offload: bool = _setting(
         True, "FAM record offload", "Keep record in RAM",
         "On a GPU, keep the native record in CPU memory and copy one step at a time "
-        "(saves VRAM; the next step's part is copied while the current step runs).")
+        "(saves VRAM; the next step's part is copied while the current step runs). Turn it "
+        "off only with VRAM to spare for the whole record, to save those copies.",
+        advanced=True)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

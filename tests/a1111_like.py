@@ -243,7 +243,8 @@ class MiniWebUI:
         gr = mods["gradio"]
         for name in ("HTML", "Checkbox", "Textbox", "Slider"):
             setattr(gr, name, _component(name))
-        gr.Row = _Block
+        for name in ("Row", "Column", "Group", "Accordion"):
+            setattr(gr, name, _layout(name))
         for name in ("images", "processing", "script_callbacks", "scripts", "sd_samplers_common",
                      "sd_samplers_timesteps", "shared", "infotext_utils", "ui_components"):
             setattr(mods["modules"], name, mods[f"modules.{name}"])
@@ -297,17 +298,29 @@ class MiniWebUI:
 
 
 class _Block:
-    def __init__(self, *a, **k):
-        pass
+    """A layout block; the blocks open while a component is made are its `parents`."""
+    open_now: list = []
+
+    def __init__(self, label=None, **kw):
+        self.label = label
+        self.__dict__.update(kw)
 
     def __enter__(self):
+        _Block.open_now.append(self)
         return self
 
     def __exit__(self, *exc):
+        _Block.open_now.pop()
         return False
 
 
+def _layout(kind):
+    return type(kind, (_Block,), {"kind": kind})
+
+
 class _Accordion(_Block):
+    kind = "InputAccordion"
+
     def __init__(self, value, label=None, elem_id=None):
         self.value, self.label, self.elem_id = value, label, elem_id
         self.accordion = SimpleNamespace()
@@ -315,7 +328,7 @@ class _Accordion(_Block):
 
 def _component(kind):
     def make(*args, **kw):
-        return SimpleNamespace(kind=kind, args=args, **kw)
+        return SimpleNamespace(kind=kind, args=args, parents=tuple(_Block.open_now), **kw)
     return make
 
 

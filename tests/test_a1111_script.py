@@ -76,6 +76,22 @@ def test_ui_gives_every_setting_in_params_order_and_no_side_effects(web):
     assert sum(o.label.startswith("[FAM]") for o in web.xyz.axis_options) == len(FamParams.names())
 
 
+ADVANCED = {"record_budget_mb", "record_offload"}   # engine internals, not what a user tunes
+
+
+@pytest.mark.parametrize("is_img2img", [False, True])
+def test_record_settings_sit_in_a_collapsed_advanced_group(web, is_img2img):
+    controls = dict(zip(FamParams.names(), web.Script().ui(is_img2img)))
+    for name, control in list(controls.items())[1:]:
+        assert control.parents[0].kind == "InputAccordion", name     # inside the FAM accordion
+        groups = [b for b in control.parents if b.kind == "Accordion"]
+        if name in ADVANCED:
+            assert [(g.label, g.open) for g in groups] == [("Advanced", False)], name
+            assert groups[0].elem_id.endswith("fam_diffusion_advanced")
+        else:
+            assert groups == [], name
+
+
 # ---- txt2img --------------------------------------------------------------------------------
 def test_hires_fix_with_fam_and_p_left_as_found(web, model):
     plain = web.process_images(web.txt2img(model)).samples[0]
