@@ -8,7 +8,7 @@ one-step warm-up of each; medians. Random weights: the real SD1.5 / SDXL sizes o
 a small preset with the same block layouts on CPU.
 
     python -m fam.bench --preset cpu            # what docs/benchmarks.md records for CPU
-    python -m fam.bench --preset gpu            # one H100, < 8 min, the table last
+    python -m fam.bench --preset gpu            # one H100, < 8 min, the table last
     python -m fam.bench --engine a1111 --arch sdxl --scale 2 --device cuda --split --json
 
 Columns: time FAM/plain; extra peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: peak
@@ -62,7 +62,7 @@ FAM = FamParams(enabled=True)
 SPLIT = {"FM": FAM.replace(am_enabled=False),
          "AM": FAM.replace(fm_enabled=False, record_offload=False),
          "AM offloaded": FAM.replace(fm_enabled=False)}
-# the targets: time FAM/plain, extra device memory (GiB), host memory / record bytes
+# targets: time FAM/plain, extra device memory (GiB), host memory / record bytes
 TARGETS = {("sd15", 2): 1.02, ("sd15", 3): 1.02, ("sd15", 4): 1.02,
            ("sdxl", 2): 1.03, ("sdxl", 3): 1.01, ("sdxl", 4): 1.01}
 EXTRA_GIB = {"sd15": 0.25, "sdxl": 0.5}

@@ -363,7 +363,7 @@ def test_a_unet_that_never_calls_its_attn1_layers_is_noted():
         gen.remove()
 
 
-# ---- λ = 0 and AM off cost nothing (issue 7, defect 4) --------------------------------------
+# ---- λ = 0 and AM off cost nothing ----------------------------------------------------------
 @pytest.mark.parametrize("path", ["record", "recompute", "reference"])
 @pytest.mark.parametrize("off", [dict(am_lambda=0.0), dict(am_enabled=False)], ids=["lambda0", "am_off"])
 def test_am_that_cannot_change_anything_costs_nothing(path, off):
@@ -378,7 +378,7 @@ def test_am_that_cannot_change_anything_costs_nothing(path, off):
     assert torch.equal(r.out, fm_only.out)
 
 
-# ---- a hires checkpoint on the recompute path (defect 3) ----------------------------------
+# ---- a hires checkpoint on the recompute path ---------------------------------------------
 def test_recompute_path_replays_through_the_hires_checkpoint():
     first = sd1_like()
     hires = copy.deepcopy(first)     # another checkpoint object (same weights: same maps)
@@ -404,7 +404,7 @@ def test_recompute_path_across_sampler_kinds(vp, hires_vp):
     torch.testing.assert_close(rep.out, rec.out, atol=1e-4, rtol=1e-4)
 
 
-# ---- SDXL size conditioning of native replays (defect 2) ----------------------------------
+# ---- SDXL size conditioning of native replays ---------------------------------------------
 class SizeEmbedder(nn.Module):
     """sgm's ConcatTimestepEmbedderND in spirit: each value of the row sinusoidally embedded
     in `outdim` dims, concatenated."""
@@ -471,7 +471,7 @@ def test_reference_path_conditions_native_calls_on_the_native_size():
     assert all(torch.equal(v, hires_vector.expand_as(v)) for hw, v in calls if hw == HIRES)
 
 
-# ---- hooks of other extensions on native replays (probable defect: ControlNet) -------------
+# ---- hooks of other extensions on native replays (ControlNet) ------------------------------
 @pytest.mark.parametrize("path", ["recompute", "reference"])
 def test_a_unet_hook_holding_high_res_inputs_skips_am_instead_of_failing(path):
     """A stand-in for ControlNet: its UNet hook adds a hint made for the high-res latent."""
@@ -514,7 +514,7 @@ def test_out_of_memory_in_a_replay_is_not_swallowed():
         unet.__dict__.pop("forward", None)
 
 
-# ---- the refiner (probable defect: AM off for the whole hires pass) ------------------------
+# ---- the refiner (AM must not go off for the whole hires pass) -----------------------------
 @pytest.mark.parametrize("budget", [8192, 0], ids=["record", "recompute"])
 def test_refiner_in_the_first_pass_leaves_am_on_where_the_base_ran(budget):
     unet = sd1_like()
@@ -534,10 +534,10 @@ def test_refiner_in_the_hires_pass_turns_am_off_from_the_switch():
     assert r.info == {"FAM note": "AM off after the refiner switch"} and r.run.fm_calls == 4
 
 
-# ---- UniPC's corrector (probable defect: FM does not reach the sampler's state) ------------
+# ---- UniPC's corrector (FM must reach the sampler's state) ---------------------------------
 @pytest.mark.parametrize("kind", ["unipc", "ddim"])
 def test_fm_reaches_the_latent_the_sampler_continues_from(kind):
-    """FM only, on A1111's sampler shapes, against the spec written into the loop by hand:
+    """FM only, on A1111's sampler shapes, against the method written into the loop by hand:
     the latent each step starts from is the FM latent."""
     unet = sd1_like()
     cond, uncond = conds()

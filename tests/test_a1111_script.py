@@ -106,7 +106,7 @@ def test_hires_fix_with_fam_and_p_left_as_found(web, model):
 
 
 def test_fam_reference_is_the_bicubic_first_pass_latent(web, model, monkeypatch):
-    """Hires upscaler "Latent" is bilinear; FAM's z̃₀ is bicubic (spec §1 step 2)."""
+    """Hires upscaler "Latent" is bilinear; FAM's z̃₀ is bicubic (docs/method.md §1 step 2)."""
     seen = []
     guide = a1111.FamGeneration.guide_hires
 
@@ -128,7 +128,7 @@ def test_samplers_guided_without_skips(web, model, sampler):
 
 
 def test_two_process_images_on_one_p(web, model):
-    """Loopback, SD upscale and img2img Batch run process_images on one p (defect 1)."""
+    """Loopback, SD upscale and img2img Batch run process_images on one p."""
     p = web.txt2img(model, FAM)
     first = web.process_images(p)
     assert_left_as_found(p, model)
@@ -213,7 +213,7 @@ def test_the_hook_may_run_twice_for_one_pass(web, model, monkeypatch):
 
 
 def test_hires_checkpoint_on_the_recompute_path(web, model):
-    """The first-pass model is moved away; replays run on the hires checkpoint (defect 3)."""
+    """The first-pass model is moved away; replays run on the hires checkpoint."""
     hires = sd_model(sd1_like(seed=1), title="other.safetensors")
     p = web.txt2img(model, [{"enabled": True, "record_budget_mb": 0}], hr_model=hires)
     unet = model.model.diffusion_model
@@ -323,8 +323,8 @@ def test_a_malformed_pasted_infotext_leaves_those_controls_unchanged(web, capsys
 
 
 def test_request_errors_are_quiet_fastapi_errors():
-    """The WebUI API prints a traceback for every exception but FastAPI's HTTPException
-    (defect 5): with FastAPI present, a FAM request error is one, and keeps its 422 body."""
+    """The WebUI API prints a traceback for every exception but FastAPI's HTTPException:
+    with FastAPI present, a FAM request error is one, and keeps its 422 body."""
     code = textwrap.dedent("""
         import sys, types
         fastapi = types.ModuleType("fastapi")
@@ -351,7 +351,7 @@ def test_request_errors_are_quiet_fastapi_errors():
 
 
 def test_live_suite_imports_with_only_pytest(tmp_path):
-    """tests/live runs in the WebUI's own Python (defect 6): collecting it must need nothing
+    """tests/live runs in the WebUI's own Python: collecting it must need nothing
     but pytest (torch, diffusers, hypothesis and the project itself blocked here)."""
     (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
         import sys

@@ -34,6 +34,25 @@ def test_no_file_refers_outside_the_repository():
     assert not hits, "\n".join(hits)
 
 
+def test_no_text_refers_to_an_issue_or_a_missing_document():
+    """A reader has the repository, not the issue tracker or the notes it was built from:
+    no issue numbers or defect numbers, no "the issue's …", no "spec §" (the method is
+    docs/method.md), and every `docs/….md` named exists."""
+    tracker = re.compile(r"\bissue\s*#?\d+|\bthe issue(?:'s)?\b|\bdefects?\s*\d+|"
+                         r"\bprobable defect\b|\bspec(?:'s)?\s*§|\bthe spec\b|\bbranch i\d+", re.I)
+    doc = re.compile(r"(?<![\w/.-])docs/[\w./-]+\.md")
+    hits = []
+    for rel in tracked_files():
+        if rel == "tests/test_repository.py":   # the patterns themselves
+            continue
+        with open(os.path.join(ROOT, rel), encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                missing = [d for d in doc.findall(line) if not os.path.exists(os.path.join(ROOT, d))]
+                if tracker.search(line) or missing:
+                    hits.append(f"{rel}:{n}: {line.strip()}")
+    assert not hits, "\n".join(hits)
+
+
 def test_markdown_links_resolve():
     link = re.compile(r"\]\(([^)#\s]+)(#[^)\s]*)?\)")
     broken = []

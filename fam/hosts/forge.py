@@ -1,7 +1,7 @@
 """Forge host, torch level: FAM on the UNet of the Forge WebUIs through their `UnetPatcher`
 (`backend/`: Forge main, Forge Neo, ersatzForge; `ldm_patched`: Forge Classic, reForge).
 
-What Forge gives us (see docs/hosts.md) and how this module fits it:
+What Forge gives us and how this module fits it:
   * the UNet is the `UnetPatcher` at `p.sd_model.forge_objects.unet`, shared with Forge's own
     copies and reset before every sampler run. Each pass puts a `clone()` with FAM's functions
     in its place; the patcher it replaced is never changed. `clone()` deep-copies the patch

@@ -1,4 +1,4 @@
-"""The toy model: a tiny diffusers UNet (the issue's layout: SD1.5-like attention in the
+"""The toy model: a tiny diffusers UNet (the first reproduction's layout: SD1.5-like attention in the
 middle level only), its sampler, the fixed "prompt", and the shipped checkpoints
 (`fam/toy/checkpoints/<world>.safetensors` in fp16 + `<world>.json`)."""
 
