@@ -157,9 +157,9 @@ def _denoise(unet, scheduler, latents, timesteps, cond: CfgCond, guidance_scale:
 def _guide_corrector(scheduler, run: FamRun) -> list[float]:
     """UniPC's corrector rebuilds the current latent inside `step()` from the previous one,
     dropping FM's edit, and its predictor then starts from the rebuilt latent: FM edits that
-    one too, at the step's σ, so the sampler's own update uses the FM latent (docs/method.md §1 step 4).
-    Patches this pass's own scheduler instance; returns the cell the loop keeps at the σ of
-    the current step."""
+    one too, at the step's σ, so the sampler's own update uses the FM latent
+    (docs/method.md §1 step 4). Patches this pass's own scheduler instance; returns the cell
+    the loop keeps at the σ of the current step."""
     step_sigma = [0.0]
     correct = getattr(scheduler, "multistep_uni_c_bh_update", None)
     if correct is not None:
