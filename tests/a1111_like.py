@@ -140,8 +140,8 @@ def unipc(cfg, x, ts, cond, uncond, scale=5.0, callback=None, fm=None):
     """Shaped like A1111's UniPC (data prediction, VP): the model is called at the predictor's
     latent; the corrector then rebuilds that latent from the previous one and the model
     outputs (not from the latent the model saw), hands it to `callback` and the next step
-    starts from it; the last step has no corrector. `fm(x, t)`, when given, is
-    docs/method.md's FM written into this loop by hand: on the model's input and on the corrected latent."""
+    starts from it; the last step has no corrector. `fm(x, t)`, when given, is the method's
+    FM written into this loop by hand: on the model's input and on the corrected latent."""
     ac = ALPHAS_CUMPROD.float()
     alpha, sigma = (lambda t: ac[t].sqrt()), (lambda t: (1 - ac[t]).sqrt())
 

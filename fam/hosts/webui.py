@@ -109,7 +109,7 @@ def reference_size(width: int, height: int, native: int, multiple: int = LATENT_
 
 
 def upscaled_reference(native: torch.Tensor, p, like: torch.Tensor) -> torch.Tensor:
-    """z̃₀ of Hires. fix: the native latent upsampled bicubically (docs/method.md §1 step 2) to the
+    """z̃₀ of Hires. fix: the native latent upsampled bicubically (method §1 step 2) to the
     WebUI's hires latent size, then cropped as the WebUI crops its own upscaled latent
     (`hr_resize` with another aspect). Falls back to `like` (the pass's own start latent)
     where the sizes do not agree."""
@@ -294,7 +294,7 @@ class WebUIGeneration:
         """UniPC rebuilds the latent after the model call (its corrector) from copies made
         before FM's edit, and the rebuilt one is what its next step starts from; it hands
         that latent to the progress callback. FM edits it there, in place, at the σ of the
-        model call it follows (docs/method.md §1 step 4: the sampler's own update uses the FM latent).
+        model call it follows (method §1 step 4: the sampler's own update uses the FM latent).
         A callback with no model call since the last one (the final, uncorrected step) is
         left alone."""
         callback = sampler.callback_state
