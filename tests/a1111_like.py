@@ -94,7 +94,7 @@ def unipc(cfg, x, ts, cond, uncond, scale=5.0, callback=None, fm=None):
     """Shaped like A1111's UniPC (data prediction, VP): the model is called at the predictor's
     latent; the corrector then rebuilds that latent from the previous one and the model
     outputs (not from the latent the model saw), hands it to `callback` and the next step
-    starts from it; the last step has no corrector. `fm(x, t)`, when given, is the spec's
+    starts from it; the last step has no corrector. `fm(x, t)`, when given, is the method's
     FM written into this loop by hand: on the model's input and on the corrected latent."""
     ac = ALPHAS_CUMPROD.float()
     alpha, sigma = (lambda t: ac[t].sqrt()), (lambda t: (1 - ac[t]).sqrt())
@@ -141,6 +141,7 @@ class MiniWebUI:
         self.state = SimpleNamespace(interrupted=False)
         self.opts = SimpleNamespace(sd_vae_encode_method="Full")
         self.logged: list[str] = []          # what A1111 would print as "*** Error running …"
+        self.infotext_pasted: list = []      # on_infotext_pasted callbacks
         self.encodes = 0
         self.xyz = self._xyz_module()
         self.modules = self._modules()
@@ -174,6 +175,7 @@ class MiniWebUI:
         scripts.Script, scripts.AlwaysVisible = Script, object()
         scripts.scripts_data = [SimpleNamespace(script_class=XyzScript, module=self.xyz)]
         mods["modules.script_callbacks"].on_before_ui = lambda fn: None
+        mods["modules.script_callbacks"].on_infotext_pasted = self.infotext_pasted.append
         mods["modules.shared"].opts = self.opts
         mods["modules.shared"].state = self.state
         mods["modules.images"].resize_image = lambda mode, im, w, h: im.resize((w, h))
@@ -195,7 +197,8 @@ class MiniWebUI:
         gr = mods["gradio"]
         for name in ("HTML", "Checkbox", "Textbox", "Slider"):
             setattr(gr, name, _component(name))
-        gr.Row = _Block
+        for name in ("Row", "Column", "Group", "Accordion"):
+            setattr(gr, name, _layout(name))
         for name in ("images", "processing", "script_callbacks", "scripts", "sd_samplers_common",
                      "sd_samplers_timesteps", "shared", "infotext_utils", "ui_components"):
             setattr(mods["modules"], name, mods[f"modules.{name}"])
@@ -249,17 +252,29 @@ class MiniWebUI:
 
 
 class _Block:
-    def __init__(self, *a, **k):
-        pass
+    """A layout block; the blocks open while a component is made are its `parents`."""
+    open_now: list = []
+
+    def __init__(self, label=None, **kw):
+        self.label = label
+        self.__dict__.update(kw)
 
     def __enter__(self):
+        _Block.open_now.append(self)
         return self
 
     def __exit__(self, *exc):
+        _Block.open_now.pop()
         return False
 
 
+def _layout(kind):
+    return type(kind, (_Block,), {"kind": kind})
+
+
 class _Accordion(_Block):
+    kind = "InputAccordion"
+
     def __init__(self, value, label=None, elem_id=None):
         self.value, self.label, self.elem_id = value, label, elem_id
         self.accordion = SimpleNamespace()
@@ -267,7 +282,7 @@ class _Accordion(_Block):
 
 def _component(kind):
     def make(*args, **kw):
-        return SimpleNamespace(kind=kind, args=args, **kw)
+        return SimpleNamespace(kind=kind, args=args, parents=tuple(_Block.open_now), **kw)
     return make
 
 

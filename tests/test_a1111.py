@@ -502,7 +502,7 @@ def test_uncond_rows_the_first_pass_skipped_take_the_cond_map(skipped, budget):
         "did not run took their image's other branch's map")
 
 
-# ---- hooks of other extensions on native replays (probable defect: ControlNet) -------------
+# ---- hooks of other extensions on native replays (ControlNet) ------------------------------
 @pytest.mark.parametrize("path", ["recompute", "reference"])
 def test_a_unet_hook_holding_high_res_inputs_skips_am_instead_of_failing(path):
     """A stand-in for ControlNet: its UNet hook adds a hint made for the high-res latent."""
@@ -545,7 +545,7 @@ def test_out_of_memory_in_a_replay_is_not_swallowed():
         unet.__dict__.pop("forward", None)
 
 
-# ---- the refiner (probable defect: AM off for the whole hires pass) ------------------------
+# ---- the refiner (AM where the refiner runs) ---------------------------------------
 @pytest.mark.parametrize("budget", [8192, 0], ids=["record", "recompute"])
 def test_refiner_in_the_first_pass_leaves_am_on_where_the_base_ran(budget):
     unet = sd1_like()
@@ -565,7 +565,7 @@ def test_refiner_in_the_hires_pass_turns_am_off_from_the_switch():
     assert r.info == {"FAM note": "AM off after the refiner switch"} and r.run.fm_calls == 4
 
 
-# ---- UniPC's corrector (probable defect: FM does not reach the sampler's state) ------------
+# ---- UniPC's corrector (FM reaches the sampler's state) --------------------------------
 @pytest.mark.parametrize("kind", ["unipc", "ddim"])
 def test_fm_reaches_the_latent_the_sampler_continues_from(kind):
     """FM only, on A1111's sampler shapes, against the spec written into the loop by hand:
