@@ -1,0 +1,222 @@
+"""Zero-terminal-SNR (ZTSNR) schedules and v-prediction at the extremes of σ, against float64.
+
+A ZTSNR schedule ends at ᾱ_T = 0, σ = ∞. The WebUIs pin ᾱ_T to 4.8973451890853435e-08
+(σ_max ≈ 4518.76), diffusers' σ-space and multistep schedulers to 2⁻²⁴ (σ_max = 4096), and
+diffusers' DDIM keeps ᾱ_T = 0. σ_max² ≈ 2·10⁷ does not fit in fp16 and σ·ε is ~10⁴: every
+quantity the core derives from σ must stay finite and as exact as the latent's dtype allows."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import diffusers
+from conftest import SCHED_KW
+from fam.frequency import frequency_modulate
+from fam.guidance import FamRun
+from fam.params import FamParams
+from fam.record import Role
+from fam.schedule import VPSchedule, noised_reference
+from test_frequency import reference as fm_reference
+
+WEBUI_ALPHA_BAR_T = 4.8973451890853435e-08      # what A1111, every Forge and ComfyUI pin ᾱ_T to
+DIFFUSERS_ALPHA_BAR_T = 2.0 ** -24               # diffusers' Euler, Euler a, DPM++, UniPC
+V_ZTSNR = dict(SCHED_KW, rescale_betas_zero_snr=True, prediction_type="v_prediction",
+               timestep_spacing="trailing")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ON = FamParams(enabled=True)
+
+
+def webui_ztsnr(dtype=torch.float32) -> torch.Tensor:
+    """SD's ᾱ table rescaled for zero terminal SNR the way the WebUIs do it, in `dtype`: √ᾱ
+    shifted so that its last value is 0 and scaled so that its first is unchanged, then ᾱ_T
+    pinned to a tiny positive value."""
+    sqrt_ab = diffusers.DDPMScheduler(**SCHED_KW).alphas_cumprod.to(dtype).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    ab = ((sqrt_ab - last) * (first / (first - last))) ** 2
+    ab[-1] = WEBUI_ALPHA_BAR_T
+    return ab
+
+
+TABLES = {
+    "sd": lambda: diffusers.DDPMScheduler(**SCHED_KW).alphas_cumprod,
+    "webui-ztsnr": webui_ztsnr,
+    "diffusers-ztsnr": lambda: diffusers.EulerDiscreteScheduler(**V_ZTSNR).alphas_cumprod,
+    "ddim-ztsnr": lambda: diffusers.DDIMScheduler(**V_ZTSNR).alphas_cumprod,   # ᾱ_T = 0
+}
+
+
+def sigma_of(alpha_bar: float) -> float:
+    return math.sqrt((1 - alpha_bar) / alpha_bar) if alpha_bar > 0 else math.inf
+
+
+INFINITY_AS = sigma_of(DIFFUSERS_ALPHA_BAR_T)    # where a table's σ = ∞ is placed: 4096
+
+
+def table_sigmas(ac: torch.Tensor) -> np.ndarray:
+    return np.array([sigma_of(a) for a in ac.double().tolist()])
+
+
+def knots(ac: torch.Tensor) -> np.ndarray:
+    """log σ of the table, a σ = ∞ placed at the smallest clamp of it in use (2⁻²⁴: σ 4096)."""
+    s = table_sigmas(ac)
+    return np.log(np.where(np.isinf(s), INFINITY_AS, s))
+
+
+def t_reference(ac: torch.Tensor, sigma: float) -> float:
+    """Continuous t of σ in float64: linear in log σ between the `knots` (numpy)."""
+    if math.isinf(sigma):
+        return len(ac) - 1.0
+    return float(np.interp(math.log(sigma), knots(ac), np.arange(len(ac), dtype=np.float64)))
+
+
+def noised64(z0, eps, sigma: float, vp: bool) -> torch.Tensor:
+    """z̃₀ + σ·ε, or √ᾱ·z̃₀ + √(1 − ᾱ)·ε with ᾱ = 1/(1 + σ²), in float64 (σ = ∞: ε)."""
+    z0, eps = z0.double(), eps.double()
+    if not vp:
+        return z0 + sigma * eps
+    if math.isinf(sigma):
+        return eps.clone()
+    return (z0 + sigma * eps) / math.sqrt(1 + sigma * sigma)
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of `dtype` at each magnitude of x (float64)."""
+    fi = torch.finfo(dtype)
+    mag = x.double().abs().clamp_min(fi.tiny)
+    return torch.exp2(torch.floor(torch.log2(mag))) * fi.eps
+
+
+# FM is computed in float32 whatever the latent's dtype: one rounding to fp16 / bf16, or the
+# float32 FFT's own error (a few spacings of float32)
+FM_ULPS = {torch.float32: 16, torch.float16: 1, torch.bfloat16: 1}
+
+
+def max_ulps(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """max |out − ref| in units of `dtype`'s spacing at the largest |ref| (the latent's scale)."""
+    return float((out.double() - ref).abs().max() / ulp(ref.abs().max(), dtype))
+
+
+# ---- σ ↔ t and ρ ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(TABLES))
+def test_top_of_the_schedule_is_t_max_and_finite_where_the_table_is(name):
+    ac = TABLES[name]()
+    s = VPSchedule(ac)
+    expected_max = {"sd": 14.614647, "webui-ztsnr": 4518.7637, "diffusers-ztsnr": 4096.0,
+                    "ddim-ztsnr": math.inf}[name]
+    assert s.sigma_max == pytest.approx(expected_max, rel=1e-6)
+    assert s.t_to_sigma(999) == pytest.approx(expected_max, rel=1e-6)
+    for sigma in (s.sigma_max, float(torch.tensor(s.sigma_max, dtype=torch.float32)), math.inf):
+        assert s.sigma_to_t(sigma) == pytest.approx(999, abs=1e-4)
+        assert s.rho(sigma) == pytest.approx(0.999, abs=1e-8)
+    for t in (998, 998.25, 998.999, 0, 0.5):       # next to the top, and the bottom: no NaN
+        assert s.t_to_sigma(t) == pytest.approx(math.exp(np.interp(t, np.arange(1000), knots(ac))),
+                                                rel=1e-12)
+
+
+@pytest.mark.parametrize("clamp", [INFINITY_AS, sigma_of(WEBUI_ALPHA_BAR_T), 1e30, math.inf])
+def test_a_clamped_infinity_is_t_max_on_a_table_that_ends_at_infinity(clamp):
+    s = VPSchedule(TABLES["ddim-ztsnr"]())
+    assert math.isinf(s.sigma_max)
+    assert s.sigma_to_t(clamp) == 999 and s.rho(clamp) == pytest.approx(0.999)
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(list(TABLES)), t=st.floats(0, 999))
+def test_sigma_t_round_trip_against_float64(name, t):
+    ac = TABLES[name]()
+    s = VPSchedule(ac)
+    sigma = s.t_to_sigma(t)
+    assert not math.isnan(sigma) and sigma > 0
+    if math.isinf(sigma):
+        assert t == 999 and name == "ddim-ztsnr"
+    assert s.sigma_to_t(sigma) == pytest.approx(t, abs=1e-6)
+    assert s.sigma_to_t(sigma) == pytest.approx(t_reference(ac, sigma), abs=1e-6)
+    assert 0 <= s.rho(sigma) <= 0.999
+
+
+# ---- the re-noised reference -----------------------------------------------------------------
+def _latents(dtype, seed, shape=(2, 4, 24, 20)):
+    g = torch.Generator().manual_seed(seed)
+    z0 = torch.randn(shape, generator=g, dtype=torch.float64) * 1.5
+    eps = torch.randn(shape, generator=g, dtype=torch.float64)
+    return z0.to(dtype), eps.to(dtype)
+
+
+def check_noised(z0, eps, sigma, vp):
+    dtype = z0.dtype
+    out = noised_reference(z0, eps, sigma, vp=vp)
+    assert out.dtype == dtype and out.shape == z0.shape
+    assert torch.isfinite(out).all()
+    ref = noised64(z0, eps, sigma, vp)
+    # one rounding to `dtype` of a value computed in float32 (or better), whose own error is a
+    # few float32 spacings of its terms
+    tol = ulp(ref, dtype) / 2 + 8 * 2.0 ** -24 * (z0.double().abs() + eps.double().abs()
+                                                   * (min(sigma, 1.0) if vp else sigma))
+    assert bool(((out.double() - ref).abs() <= tol).all()), (sigma, vp, dtype)
+    return out, ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vp", [False, True], ids=["sigma-space", "vp"])
+@pytest.mark.parametrize("sigma", [4518.763671875, 4096.0, 2254.19482421875, 14.6146,
+                                   0.0291675, 1e-3])
+def test_noised_reference_at_the_extremes_is_one_rounding_from_float64(dtype, vp, sigma):
+    z0, eps = _latents(dtype, 0)
+    check_noised(z0, eps, sigma, vp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_vp_noised_reference_at_infinity_is_the_noise(dtype):
+    z0, eps = _latents(dtype, 1)
+    out = noised_reference(z0, eps, math.inf, vp=True)
+    assert torch.equal(out, eps)
+    with pytest.raises(ValueError, match="σ"):
+        noised_reference(z0, eps, math.inf)           # no σ-space latent at σ = ∞
+
+
+@settings(max_examples=60, deadline=None)
+@given(log_sigma=st.floats(math.log(0.0291675), math.log(4518.7637)),
+       dtype=st.sampled_from(DTYPES), vp=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_noised_reference_over_the_whole_ztsnr_range(log_sigma, dtype, vp, seed):
+    z0, eps = _latents(dtype, seed, shape=(1, 4, 8, 8))
+    check_noised(z0, eps, math.exp(log_sigma), vp)
+
+
+# ---- FM at the extremes ------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sigma,vp", [(4518.763671875, False), (4518.763671875, True),
+                                      (math.inf, True), (0.0291675, False), (0.0291675, True)])
+def test_guide_latent_at_the_extremes_against_float64(dtype, sigma, vp):
+    """FamRun.guide_latent (the reference, ρ, FM) at σ_max, σ = ∞ and σ_min of the WebUIs'
+    ZTSNR table: finite, and one rounding of the latent's dtype from float64."""
+    ac = TABLES["ddim-ztsnr" if math.isinf(sigma) else "webui-ztsnr"]()
+    run = FamRun(ON, [], VPSchedule(ac))
+    native_hw, hires_hw = (12, 10), (24, 20)
+    run.begin_native()
+    run.begin_call(sigma, [Role(0)], native_hw)
+    z0, eps = _latents(dtype, 2, shape=(2, 4, *hires_hw))
+    run.begin_hires(z0, eps, vp=vp)
+    x = noised64(*_latents(dtype, 3, shape=(2, 4, *hires_hw)), sigma, vp).to(dtype)
+    x_in = x.clone()
+    run.guide_latent(x, sigma)
+    assert x.dtype == dtype and torch.isfinite(x).all() and run.fm_calls == 1
+    rho = t_reference(ac, sigma) / 1000
+    z_ref, _ = check_noised(z0, eps, sigma, vp)
+    ref = fm_reference(x_in.double(), z_ref.double(), rho, native_hw, 0.5)
+    assert max_ulps(x, ref, dtype) <= FM_ULPS[dtype], max_ulps(x, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fm_of_a_sigma_max_latent_does_not_overflow(dtype):
+    """A σ-space latent at σ_max 4518.76 is ~10⁴ per element: FM's float32 FFT of it and its
+    return to fp16 / bf16 stay finite and within one spacing of the result."""
+    x, ref = _latents(dtype, 4, shape=(1, 4, 64, 48))
+    x, ref = (t.float() * 4518.76 for t in (x, ref))
+    x, ref = x.to(dtype), ref.to(dtype)
+    out = frequency_modulate(x, ref, 0.2, (32, 24))
+    assert torch.isfinite(out).all()
+    expected = fm_reference(x.double(), ref.double(), 0.2, (32, 24), 0.5)
+    assert max_ulps(out, expected, dtype) <= FM_ULPS[dtype]
