@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
+from .schedule import log_sigma as _log_sigma
 from .transfer import Pages, Streams, cuda_runtime, page_locked
 
 __all__ = ["Role", "Segment", "NativeEntry", "EntryMaps", "HostMemory", "NativeRecord",
@@ -201,10 +202,6 @@ def _use_device(device: torch.device | None) -> None:
         torch.cuda.set_device(device)
     except Exception:
         pass
-
-
-def _log_sigma(sigma: float) -> float:
-    return math.log(max(float(sigma), 1e-12))
 
 
 class NativeRecord:

@@ -17,7 +17,7 @@ from conftest import SCHED_KW
 from fam.frequency import frequency_modulate
 from fam.guidance import FamRun
 from fam.params import FamParams
-from fam.record import Role
+from fam.record import NativeRecord, Role
 from fam.schedule import VPSchedule, noised_reference
 from test_frequency import reference as fm_reference
 
@@ -220,3 +220,69 @@ def test_fm_of_a_sigma_max_latent_does_not_overflow(dtype):
     assert torch.isfinite(out).all()
     expected = fm_reference(x.double(), ref.double(), 0.2, (32, 24), 0.5)
     assert max_ulps(out, expected, dtype) <= FM_ULPS[dtype]
+
+
+# ---- AM's nearest native step --------------------------------------------------------------
+def record_of(sigmas) -> NativeRecord:
+    rec = NativeRecord(budget_bytes=0)
+    for s in sigmas:
+        rec.entry(s).replays.append(s)
+    return rec
+
+
+def key64(sigma: float) -> float:
+    """log σ, ∞ placed at σ 4096 as in `knots`."""
+    return math.log(INFINITY_AS if math.isinf(sigma) else sigma)
+
+
+def log_nearest64(native, sigma) -> float:
+    """The native σ nearest to σ in log σ (float64 argmin); σ itself when it was recorded."""
+    if sigma in native:
+        return sigma
+    return min(native, key=lambda s: abs(key64(s) - key64(sigma)))
+
+
+def trailing_sigmas(ac, steps) -> list[float]:
+    s = table_sigmas(ac)
+    return [float(s[999 - i * (1000 // steps)]) for i in range(steps)]
+
+
+@pytest.mark.parametrize("native_table,hires_first", [
+    ("webui-ztsnr", 4518.763671875),      # same table: the first steps coincide
+    ("webui-ztsnr", 4096.0),              # another clamp of ∞ at the top
+    ("webui-ztsnr", math.inf),
+    ("ddim-ztsnr", math.inf),             # a native table that ends at ∞
+    ("ddim-ztsnr", 4096.0),
+    ("ddim-ztsnr", 4518.763671875),
+    ("diffusers-ztsnr", math.inf),
+    ("webui-ztsnr", 14.6146),             # a later start (denoising strength below 1)
+    ("webui-ztsnr", 3.0),
+])
+def test_nearest_native_step_at_the_top_of_a_ztsnr_schedule(native_table, hires_first):
+    native = trailing_sigmas(TABLES[native_table](), 20)
+    rec = record_of(native)
+    got = rec.nearest(hires_first).sigma
+    assert got == log_nearest64(native, hires_first)
+    if hires_first > 1000:
+        assert got == native[0]            # every clamp of ∞ is the native first step
+
+
+@settings(max_examples=80, deadline=None)
+@given(native_table=st.sampled_from(["webui-ztsnr", "ddim-ztsnr", "diffusers-ztsnr"]),
+       steps=st.integers(2, 40), log_sigma=st.floats(math.log(0.02), math.log(5000)))
+def test_nearest_native_step_is_the_float64_log_sigma_argmin(native_table, steps, log_sigma):
+    native = trailing_sigmas(TABLES[native_table](), steps)
+    sigma = math.exp(log_sigma)
+    got = record_of(native).nearest(sigma).sigma
+    best = min(abs(key64(s) - log_sigma) for s in native)
+    assert abs(key64(got) - log_sigma) <= best + 1e-12
+
+
+def test_record_keys_sigma_infinity_and_prefetch_order():
+    """σ = ∞ as an entry key: found by equality, sorted above every finite σ, and the entry
+    a sampler reaches next is below it."""
+    rec = record_of([math.inf, 5.0, 0.5])
+    assert rec.sigmas == [0.5, 5.0, math.inf]
+    top = rec.nearest(math.inf)
+    assert math.isinf(top.sigma) and rec.below(top).sigma == 5.0
+    assert rec.nearest(1e6).sigma == math.inf and rec.nearest(6.0).sigma == 5.0
