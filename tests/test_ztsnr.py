@@ -13,9 +13,11 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import diffusers
-from conftest import SCHED_KW
-from fam.frequency import frequency_modulate
+from conftest import SCHED_KW, cfg_cond, tiny_sdxl
+from fam.frequency import frequency_modulate, highpass_box
 from fam.guidance import FamRun
+from fam.hosts.diffusers import generate, upsample_latent
+from fam.layers import discover
 from fam.params import FamParams
 from fam.record import NativeRecord, Role
 from fam.schedule import VPSchedule, noised_reference
@@ -89,6 +91,9 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.exp2(torch.floor(torch.log2(mag))) * fi.eps
 
 
+# the re-noised reference: one rounding to fp16 / bf16 of a float32 value; in float32 itself
+# the two products and the sum round
+REF_ULPS = {torch.float32: 2, torch.float16: 0.5 + 2 ** -10, torch.bfloat16: 0.5 + 2 ** -10}
 # FM is computed in float32 whatever the latent's dtype: one rounding to fp16 / bf16, or the
 # float32 FFT's own error (a few spacings of float32)
 FM_ULPS = {torch.float32: 16, torch.float16: 1, torch.bfloat16: 1}
@@ -286,3 +291,129 @@ def test_record_keys_sigma_infinity_and_prefetch_order():
     top = rec.nearest(math.inf)
     assert math.isinf(top.sigma) and rec.below(top).sigma == 5.0
     assert rec.nearest(1e6).sigma == math.inf and rec.nearest(6.0).sigma == 5.0
+
+
+# ---- the diffusers engine with a v-prediction ZTSNR SDXL -------------------------------------
+@pytest.fixture(scope="module")
+def sdxl():
+    return tiny_sdxl()
+
+
+class Spy:
+    """What FamRun saw in the high-res pass: each FM call's σ, latent before and after and
+    reference; each UNet call's σ and the native entry its maps came from."""
+
+    def __init__(self, monkeypatch):
+        self.fm, self.maps, self.native = [], [], []
+        spy = self
+        real_guide, real_ready = FamRun.guide_latent, FamRun._ready_maps
+        real_noised = noised_reference
+
+        def guide_latent(run, x, sigma):
+            before = x.clone()
+            spy.z0, spy.eps, spy.vp, spy.schedule = run._z0, run._eps, run._vp, run.schedule
+            real_guide(run, x, sigma)
+            spy.fm.append(dict(sigma=sigma, before=before, after=x.clone(), ref=spy._ref))
+
+        def noised(z0, eps, sigma, vp=False):
+            spy._ref = real_noised(z0, eps, sigma, vp=vp)
+            return spy._ref
+
+        def ready_maps(run, sigma, roles):
+            maps, runs = real_ready(run, sigma, roles)
+            spy.native = run.record.sigmas
+            spy.maps.append((sigma, None if maps is None else maps.entry.sigma))
+            return maps, runs
+
+        monkeypatch.setattr(FamRun, "guide_latent", guide_latent)
+        monkeypatch.setattr(FamRun, "_ready_maps", ready_maps)
+        monkeypatch.setattr("fam.guidance.noised_reference", noised)
+
+
+def in_dtype(unet, cond, dtype):
+    cond.states = cond.states.to(dtype)
+    cond.added = {k: v.to(dtype) for k, v in cond.added.items()}
+    return unet.to(dtype), cond
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sampler", ["EulerDiscreteScheduler", "DDIMScheduler"])
+def test_engine_first_and_last_steps_against_float64(monkeypatch, dtype, sampler):
+    """v-prediction + ZTSNR (trailing) on the tiny SDXL, native 3 steps, high-res 4: at the
+    first (σ_max = 4096, or ∞ for DDIM) and the last high-res step, the re-noised reference,
+    ρ, the FM'd latent, the model's input and the chosen native step against float64."""
+    spy = Spy(monkeypatch)
+    inputs = []
+    unet, cond = in_dtype(tiny_sdxl(), cfg_cond("sdxl", hw=(64, 64)), dtype)
+    hook = unet.register_forward_pre_hook(lambda m, a: inputs.append(a[0].clone()))
+    try:
+        r = generate(unet, getattr(diffusers, sampler)(**V_ZTSNR), cond, native_hw=(8, 8),
+                     hires_hw=(16, 16), steps=3, hires_steps=4, params=ON)
+    finally:
+        hook.remove()
+    assert torch.isfinite(r.native).all() and torch.isfinite(r.hires).all()
+    assert r.run.am_calls > 0 and not r.run.am_skipped and r.run.fm_calls == 4
+    ac = getattr(diffusers, sampler)(**V_ZTSNR).alphas_cumprod
+    hires_inputs = inputs[3:]             # after the native pass's 3 calls
+    first_sigma = math.inf if sampler == "DDIMScheduler" else 4096.0
+    assert spy.fm[0]["sigma"] == first_sigma
+    for k in (0, -1):
+        step = spy.fm[k]
+        sigma = step["sigma"]
+        rho = t_reference(ac, sigma) / 1000
+        assert spy.schedule.rho(sigma) == pytest.approx(rho, abs=1e-9)
+        ref64 = noised64(spy.z0, spy.eps, sigma, spy.vp)
+        assert max_ulps(step["ref"], ref64, dtype) <= REF_ULPS[dtype]
+        fm64 = fm_reference(step["before"].double(), step["ref"].double(), rho, (8, 8), 0.5)
+        assert max_ulps(step["after"], fm64, dtype) <= FM_ULPS[dtype]
+        # the model sees the FM'd latent, scaled by 1/√(σ² + 1) in σ space (2 rows: CFG)
+        scale = 1.0 if spy.vp else 1 / math.sqrt(sigma * sigma + 1)
+        model_in = step["after"].double() * scale
+        assert max_ulps(hires_inputs[k][:1], model_in, dtype) <= 1
+        # the native step AM took its maps from
+        native = spy.native
+        hires_sigma, chosen = spy.maps[k]
+        assert hires_sigma == sigma and chosen == log_nearest64(native, sigma)
+    assert spy.maps[0][1] == max(spy.native)
+
+
+@pytest.mark.parametrize("sampler", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_v_prediction_ztsnr_multistep_samplers_are_finite_with_am_and_fm(sdxl, sampler):
+    """VP samplers that take σ_max = 4096 from their own table (UniPC with its corrector)."""
+    r = generate(sdxl, getattr(diffusers, sampler)(**V_ZTSNR), cfg_cond("sdxl", hw=(64, 64)),
+                 native_hw=(8, 8), hires_hw=(16, 16), steps=3, params=ON)
+    assert torch.isfinite(r.native).all() and torch.isfinite(r.hires).all()
+    assert r.run.am_calls > 0 and not r.run.am_skipped and r.info == {} and r.run.fm_calls >= 3
+
+
+def test_plain_hires_from_an_infinite_sigma_starts_from_the_noise(sdxl, monkeypatch):
+    """Without FAM the engine still re-noises z̃₀ to the first σ: ∞ on DDIM's ZTSNR table."""
+    starts = []
+    real = diffusers.DDIMScheduler.scale_model_input
+    monkeypatch.setattr(diffusers.DDIMScheduler, "scale_model_input",
+                        lambda self, x, t=None: starts.append(x) or real(self, x, t))
+    r = generate(sdxl, diffusers.DDIMScheduler(**V_ZTSNR), cfg_cond("sdxl", hw=(64, 64)),
+                 native_hw=(8, 8), hires_hw=(16, 16), steps=2, params=FamParams(enabled=False))
+    assert torch.isfinite(r.hires).all()
+    g = torch.Generator("cpu").manual_seed(0)            # the engine's draws: native noise, ε
+    torch.randn((1, 4, 8, 8), generator=g)
+    eps = torch.randn((1, 4, 16, 16), generator=g)
+    assert torch.equal(starts[2][:1], eps)               # after the native pass's 2 calls
+
+
+def test_v_prediction_ztsnr_generation_at_2x_fm_pulls_the_low_band_to_the_native_image(sdxl):
+    """A full FAM generation at 2× with the v-prediction ZTSNR Euler (σ_max 4096): finite, AM
+    in every high-res call, FM at every step, and the low band follows the native image."""
+    def go(params):
+        return generate(sdxl, diffusers.EulerDiscreteScheduler(**V_ZTSNR), cfg_cond("sdxl"),
+                        native_hw=(16, 16), hires_hw=(32, 32), steps=4, params=params)
+    fm, no_fm = go(ON), go(ON.replace(fm_enabled=False))
+    for r in (fm, no_fm):
+        assert torch.isfinite(r.native).all() and torch.isfinite(r.hires).all()
+        assert r.run.am_calls == 4 * len(discover(sdxl).am_layers())
+        assert not r.run.am_skipped and r.info == {}
+    assert fm.run.fm_calls == 4 and no_fm.run.fm_calls == 0
+    z0 = upsample_latent(fm.native, fm.hires.shape[-2:])
+    inside = torch.fft.ifftshift(highpass_box((32, 32), (16, 16), 0.0, 0.5)) < 1
+    dist = lambda z: (torch.fft.fft2(z.double()) - torch.fft.fft2(z0.double()))[..., inside].abs().mean()
+    assert dist(fm.hires) < 0.5 * dist(no_fm.hires), (dist(fm.hires), dist(no_fm.hires))
