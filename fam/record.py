@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 
 from .transfer import HostMemory, Streams, pin_limit
+from .schedule import log_sigma as _log_sigma
 
 __all__ = ["Role", "Segment", "NativeEntry", "Located", "EntryMaps", "NativeRecord",
            "ReferenceRecord"]
@@ -156,8 +157,6 @@ class EntryMaps:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _log_sigma(sigma: float) -> float:
-    return math.log(max(float(sigma), 1e-12))
 
 
 class NativeRecord:
