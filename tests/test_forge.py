@@ -233,6 +233,18 @@ def test_forge_and_a1111_hosts_agree(make):
     assert (f.out - plain_f).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("off", [dict(am_lambda=0.0), dict(am_enabled=False)], ids=["lambda0", "am_off"])
+def test_fm_runs_without_am_as_on_a1111(off):
+    """Without AM the UNet is left unpatched in both passes; FM still learns the native size
+    from the first pass's denoiser and guides every high-res step."""
+    model = forge_model(sd1_like)
+    f = forge_generate(model, ON.replace(**off))
+    a = generate(sd1_like(0), ON.replace(**off))
+    assert f.gen.run.fm_calls == a.gen.run.fm_calls == 4 and f.gen.run.am_calls == 0
+    torch.testing.assert_close(f.out, a.out, atol=1e-4, rtol=1e-4)
+    assert (f.out - forge_generate(model, FamParams()).out).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("batch, parts, max_chunks", [
     (1, 1, None), (1, 1, 1), (2, 1, None), (2, 1, 1), (2, 2, None), (2, 2, 1), (1, 3, 2)])
 def test_every_row_layout_gives_the_a1111_result(batch, parts, max_chunks):

@@ -169,6 +169,8 @@ class WebUIGeneration:
             s = self.sigma_of(sigma)   # the one host read of σ in this CFG call
             self._last_sigma, self._calls_since_callback = s, self._calls_since_callback + 1
             self.hooks.sigma = s
+            if self.mode == "native":   # FM's native size, whether or not a UNet hook runs
+                self.run.native_hw = tuple(x.shape[-2:])
             if self._switched:
                 if self.mode == "native":   # the refiner runs this native step: no maps for it
                     self.run.begin_call(s, (), tuple(x.shape[-2:]))
