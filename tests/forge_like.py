@@ -63,13 +63,24 @@ def forge_unet(unet: ldm.LdmUNet) -> ldm.LdmUNet:
     return unet
 
 
+class Prediction:
+    """Forge's discrete VP predictor (backend/modules/k_prediction.py): the σ table, which
+    Forge replaces for a zero-terminal-SNR run (`set_sigmas`), and the kind of model output."""
+
+    def __init__(self, sigmas, prediction_type="epsilon"):
+        self.sigmas, self.prediction_type = sigmas, prediction_type
+
+    def set_sigmas(self, sigmas):
+        self.sigmas = sigmas
+
+
 class KModel(nn.Module):
     """k-diffusion form: σ in, x0 out; `predictor.sigmas` is the model's σ table."""
 
-    def __init__(self, unet, sigmas):
+    def __init__(self, unet, sigmas, predictor=None):
         super().__init__()
         self.diffusion_model = unet
-        self.predictor = SimpleNamespace(sigmas=sigmas)
+        self.predictor = predictor or Prediction(sigmas)
 
     def apply_model(self, x, t, c_crossattn=None, c_concat=None, control=None,
                     transformer_options=None, y=None, **kwargs):

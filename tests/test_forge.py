@@ -159,14 +159,15 @@ def test_am_layers_get_replacements_under_forges_keys(make, expect):
 
 
 def test_non_unet_models_are_refused_by_type():
+    """The rule itself is tested in test_model_kinds.py; here: forge_layout applies it."""
     flux = type("Flux", (SimpleNamespace,), {})()
     flux.forge_objects = SimpleNamespace(unet=forge_like.UnetPatcher(
         forge_like.KModel(torch.nn.Linear(4, 4), SIGMA_TABLE)))
-    with pytest.raises(FamRequestError, match=r"flux1\.safetensors is a Flux model \(Linear\) "
-                                              r"without a UNet.*SDXL only"):
+    with pytest.raises(FamRequestError, match=r"^FAM Diffusion needs an SD1\.x/SD2\.x/SDXL UNet "
+                                              r"model; Flux\.1 is a transformer model$"):
         forge_layout(flux, "flux1.safetensors")
-    with pytest.raises(FamRequestError, match="has no UNet"):
-        forge_layout(SimpleNamespace(), "x")
+    with pytest.raises(FamRequestError, match="has no denoising network"):
+        forge_layout(SimpleNamespace(forge_objects=SimpleNamespace()), "x")
 
 
 def test_schedule_from_the_models_sigma_table():

@@ -200,7 +200,7 @@ def flux_model():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda web, m: txt2img(web, flux_model()), r"flux1-dev\.safetensors is a Flux model"),
+    (lambda web, m: txt2img(web, flux_model()), r"Flux\.1 is a transformer model"),
     (lambda web, m: txt2img(web, m, [{"enabled": True, "am_lambda": 3}]), "am_lambda"),
     (lambda web, m: txt2img(web, m, [True, "x"]), "fm_enabled|FM"),
     (lambda web, m: txt2img(web, m, enable_hr=False), "enable Hires. fix"),

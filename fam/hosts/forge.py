@@ -22,7 +22,7 @@ from ..schedule import VPSchedule
 from .patcher import Attention, PatcherHooks, sdpa_attention
 from .sdxl import native_size_vector, with_native_size
 from .unet_hooks import LATENT_FACTOR
-from .webui import WebUIGeneration, model_name
+from .webui import WebUIGeneration, check_model, model_name
 from .webui_args import FamRequestError
 
 __all__ = ["ForgeGeneration", "ForgeHost", "HOST", "forge_layout", "forge_schedule",
@@ -91,19 +91,13 @@ def native_vector_fn(sd_model) -> Callable[[torch.Tensor, int, int], torch.Tenso
 
 
 def forge_layout(sd_model: Any, model_name: str = "this model") -> UNetLayout:
-    """The attn1 layers of a Forge model's UNet, or a request error naming the model type
+    """The attn1 layers of a Forge model's UNet, or a request error naming the model family
     (Flux, SD3, Chroma and Neo's other transformers have no UNet)."""
-    net = getattr(getattr(getattr(getattr(sd_model, "forge_objects", None), "unet", None),
-                          "model", None), "diffusion_model", None)
-    kind = f"{type(sd_model).__name__} model ({type(net).__name__})"
-    if net is None:
-        raise FamRequestError(f"FAM: {model_name} has no UNet; FAM supports SD1.x, SD2.x and SDXL")
+    check_model(sd_model)
     try:
-        return discover(net)
+        return discover(sd_model.forge_objects.unet.model.diffusion_model)
     except LayerSelectionError as e:
-        raise FamRequestError(
-            f"FAM: {model_name} is a {kind} without a UNet; FAM supports SD1.x, SD2.x and "
-            f"SDXL only. Turn FAM off for this model. ({e})") from e
+        raise FamRequestError(f"FAM: {model_name}: {e}") from e
 
 
 def forge_schedule(k_model: Any) -> VPSchedule:
