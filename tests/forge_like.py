@@ -7,10 +7,17 @@ calls when memory is short).
 
 WebUI level: processing objects for `a1111_like.MiniWebUI` (the same miniature WebUI and the
 real script) that behave as the Forge flavours do around the script hooks:
-  * "main" (Forge main, Neo): the UNet objects are reset before each pass; in the hires pass
-    `process_before_every_sampling` runs twice on the same sampler, the first time still on
-    the first pass's UNet, then after a reset; Hires CFG (`hr_cfg`) is applied inside the
-    denoiser, and 1 drops the uncond rows;
+  * "main" (Forge main, and Forge Neo up to its 2025-11 commits): the UNet objects are reset
+    before each pass; in the hires pass `process_before_every_sampling` runs twice on the
+    same sampler, the first time still on the first pass's UNet, then after a reset; Hires
+    CFG (`hr_cfg`) is applied inside the denoiser, and 1 drops the uncond rows;
+  * "neo" (Forge Neo 2026): in the hires pass `before_hr`, then the reset, then one hook; the
+    patcher's `clone()` copies only dicts and lists (callables are shared, not deep-copied);
+    the k-diffusion sampler writes the whole σ schedule into the active patcher's
+    `transformer_options["sampling_sigmas"]` before it samples (so every attn1 patch sees
+    it); UniPC is a k-diffusion sampler (`sample_unipc`) that calls the denoiser with a new
+    tensor; a model loaded in parts is marked `model_lowvram` on the torch model;
+  * "ersatz" (ersatzForge): in the hires pass the reset, then `before_hr`, then one hook;
   * "classic" (Forge Classic): one call per pass, no Hires CFG, and the first step of every
     pass runs without uncond rows (its `skip_early_cond` test is true at step 0);
   * "reforge": one call per pass, `extra_options` without `cond_indices` / `uncond_indices`."""
@@ -99,10 +106,14 @@ class UnetPatcher:
         self.extra_preserved_memory_during_sampling = 0
 
     def clone(self):
-        n = UnetPatcher(self.model, self.load_device)
-        n.model_options = copy.deepcopy(self.model_options)
+        n = type(self)(self.model, self.load_device)
+        n.model_options = self.copy_options(self.model_options)
         n.extra_preserved_memory_during_sampling = self.extra_preserved_memory_during_sampling
         return n
+
+    @staticmethod
+    def copy_options(options):
+        return copy.deepcopy(options)
 
     def set_model_patch(self, patch, name):
         patches = self.model_options["transformer_options"].setdefault("patches", {})
@@ -127,6 +138,23 @@ class UnetPatcher:
 
     def add_extra_preserved_memory_during_sampling(self, memory_in_bytes):
         self.extra_preserved_memory_during_sampling += memory_in_bytes
+
+
+def copy_dicts_and_lists(value):
+    """Forge Neo's `backend.utils.deepcopy_`: dicts and lists are copied, every other value
+    (functions, callable objects, tuples, tensors) is shared."""
+    if isinstance(value, dict):
+        return {k: copy_dicts_and_lists(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [copy_dicts_and_lists(v) for v in value]
+    return value
+
+
+class NeoUnetPatcher(UnetPatcher):
+    """Forge Neo 2026's patcher: `clone()` through `ModelPatcher.clone()`, whose option copy
+    shares everything but dicts and lists."""
+
+    copy_options = staticmethod(copy_dicts_and_lists)
 
 
 def cond_uncond_batch(unet, parts, uncond, x, sigma, max_chunks=None, calls=None,
@@ -197,13 +225,14 @@ class CFGDenoiser(nn.Module):
         return den
 
 
-def sd_model(unet, sigmas, kind="StableDiffusion", title="tiny.safetensors", **flags):
+def sd_model(unet, sigmas, kind="StableDiffusion", title="tiny.safetensors", patcher=UnetPatcher,
+             predictor=None, **flags):
     """`p.sd_model` of a Forge WebUI: the patcher at `forge_objects.unet`, and the objects
     Forge resets it from before every pass."""
     model = type(kind, (SimpleNamespace,), {})(
         sd_checkpoint_info=SimpleNamespace(title=title), **flags)
     model.forge_objects_after_applying_lora = SimpleNamespace(
-        unet=UnetPatcher(KModel(unet, sigmas)))
+        unet=patcher(KModel(unet, sigmas, predictor)))
     model.forge_objects = copy.copy(model.forge_objects_after_applying_lora)
     return model
 
@@ -212,22 +241,52 @@ def sd_model(unet, sigmas, kind="StableDiffusion", title="tiny.safetensors", **f
 class Runner(a1111_like.Runner):
     """The hooks around a pass as the flavour's Forge runs them (see the module docstring)."""
 
+    def before_hr(self, p):
+        if p.flavor == "ersatz":     # ersatzForge resets the UNet objects before `before_hr`
+            p.reset_forge_objects()
+        super().before_hr(p)
+
     def process_before_every_sampling(self, p, **kw):
-        if p.flavor == "main" and getattr(p, "is_hr_pass", False):
+        hires = getattr(p, "is_hr_pass", False)
+        if p.flavor == "main" and hires:
             self.hires_hook_calls += 1
             super().process_before_every_sampling(p, **kw)
-        p.reset_forge_objects()
-        self.hires_hook_calls += getattr(p, "is_hr_pass", False)
+        if not (p.flavor == "ersatz" and hires):
+            p.reset_forge_objects()
+        self.hires_hook_calls += hires
         super().process_before_every_sampling(p, **kw)
 
     hires_hook_calls = 0
 
 
+def sample_unipc(cfg, x, sigmas, cond, uncond, scale=5.0, callback=None):
+    """Forge Neo's UniPC, a k-diffusion sampler (first order here): it keeps its latent in VP
+    form and calls the denoiser with a new tensor, input·√(σ²+1), so an edit of the
+    denoiser's `x` never reaches its trajectory."""
+    s_in = x.new_ones(x.shape[0])
+    z = x / (sigmas[0] ** 2 + 1).sqrt()
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x_in = z * (s ** 2 + 1).sqrt()
+        den = cfg(x_in, s * s_in, uncond=uncond, cond=cond, cond_scale=scale)
+        eps = (x_in - den) / s
+        a_next = 1 / (s_next ** 2 + 1)
+        z = a_next.sqrt() * den + (1 - a_next).sqrt() * eps
+        if callback is not None:
+            callback({"x": z, "i": i, "denoised": den})
+    return z
+
+
 class KSampler(a1111_like.KDiffusionSampler):
     def __init__(self, funcname, model, p):
-        self.func = {"euler": a1111_like.euler}[funcname]
+        self.func = {"euler": a1111_like.euler, "unipc": sample_unipc}[funcname]
         self.model_wrap_cfg = CFGDenoiser(model, **p.forge_cfg_kw())
         self.callbacks = 0
+
+    def _run(self, p, x, sig, c, uc):
+        if p.flavor == "neo":   # Neo: the schedule into the patcher in place now
+            p.sd_model.forge_objects.unet.model_options["transformer_options"]["sampling_sigmas"] = sig
+        return super()._run(p, x, sig, c, uc)
 
 
 class TimestepSampler(a1111_like.CompVisSampler):
@@ -239,6 +298,7 @@ class TimestepSampler(a1111_like.CompVisSampler):
 
 SAMPLERS = {"Euler": (KSampler, "euler"), "DDIM": (TimestepSampler, "ddim"),
             "UniPC": (TimestepSampler, "unipc")}
+NEO_SAMPLERS = {**SAMPLERS, "UniPC": (KSampler, "unipc")}   # Neo: no timestep UniPC
 
 
 class _Forge:
@@ -250,7 +310,7 @@ class _Forge:
         self.hr_cfg = None if flavor == "classic" else hr_cfg
 
     def create_sampler(self, name):
-        kind, func = SAMPLERS[name]
+        kind, func = (NEO_SAMPLERS if self.flavor == "neo" else SAMPLERS)[name]
         return kind(func, self.sd_model, self)
 
     def forge_cfg_kw(self):

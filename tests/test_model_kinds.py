@@ -213,7 +213,7 @@ def test_family_names_for_the_accepted_kinds():
 # ---- through the WebUI: 422 before anything is patched ------------------------------------------
 @pytest.mark.parametrize("kind, core, family", BACKEND[:6] + BACKEND[-5:],
                          ids=[b[0] for b in BACKEND[:6] + BACKEND[-5:]])
-@pytest.mark.parametrize("flavor", ["main", "classic", "reforge"])
+@pytest.mark.parametrize("flavor", ["main", "neo", "ersatz"])
 def test_forge_txt2img_on_a_transformer_is_a_422_and_nothing_is_patched(web, flavor, kind, core, family):
     model = engine(kind, NETS[core]())
     model.forge_objects_after_applying_lora = SimpleNamespace(unet=model.forge_objects.unet)

@@ -64,13 +64,25 @@ def webui_attention(generation: str) -> Attention:
     return lambda q, k, v, heads: getattr(module, attr)(q, k, v, heads)
 
 
+def _loaded_in_parts(loaded: Any) -> bool:
+    """A model Forge's memory manager could not load whole: Forge main and ersatzForge mark
+    its `LoadedModel` `model_accelerated`; Forge Neo (2026) marks the torch model under its
+    patcher `model_lowvram` and reports the bytes left on the CPU."""
+    if getattr(loaded, "model_accelerated", False):
+        return True
+    offloaded = getattr(loaded, "model_offloaded_memory", None)
+    if callable(offloaded) and offloaded() > 0:
+        return True
+    torch_model = getattr(getattr(loaded, "model", None), "model", None)
+    return bool(getattr(torch_model, "model_lowvram", False))
+
+
 def low_vram_mode(generation: str) -> bool:
     """Forge runs in low- or no-VRAM mode, or had to load a model in parts (it swaps modules
     to the CPU when one does not fit): FAM then keeps its record in RAM."""
     memory = _webui_module(_WEBUI[generation][2])
     state = getattr(getattr(memory, "vram_state", None), "name", "")
-    swapped = any(getattr(m, "model_accelerated", False)
-                  for m in getattr(memory, "current_loaded_models", ()))
+    swapped = any(_loaded_in_parts(m) for m in getattr(memory, "current_loaded_models", ()))
     return state in ("LOW_VRAM", "NO_VRAM") or swapped
 
 
