@@ -22,6 +22,7 @@ real script) that behave as the Forge flavours do around the script hooks:
     pass runs without uncond rows (its `skip_early_cond` test is true at step 0);
   * "reforge": one call per pass, `extra_options` without `cond_indices` / `uncond_indices`."""
 
+import contextlib
 import copy
 from types import SimpleNamespace
 
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import a1111_like
+from a1111_like import rescale_zero_terminal_snr
 from benchmarks import ldm
 
 
@@ -91,11 +93,18 @@ class KModel(nn.Module):
 
     def apply_model(self, x, t, c_crossattn=None, c_concat=None, control=None,
                     transformer_options=None, y=None, **kwargs):
-        sigma = t[:, None, None, None]
+        """ε or v from the UNet (in its own dtype, as Forge's computation dtype), x₀ out in
+        the latent's dtype."""
+        sigma = t.float()[:, None, None, None]
         timestep = ldm.sigma_to_t(t, self.predictor.sigmas.log())
-        eps = self.diffusion_model(x * (sigma ** 2 + 1) ** -0.5, timestep, c_crossattn, y,
-                                   transformer_options=transformer_options)
-        return x - sigma * eps
+        dtype = next(self.diffusion_model.parameters()).dtype
+        c_in = (sigma ** 2 + 1) ** -0.5
+        out = self.diffusion_model(
+            (x * c_in).to(dtype), timestep, None if c_crossattn is None else c_crossattn.to(dtype),
+            None if y is None else y.to(dtype), transformer_options=transformer_options).to(x.dtype)
+        if self.predictor.prediction_type == "v_prediction":
+            return x * (1 / (sigma ** 2 + 1)) - out * (sigma * c_in)
+        return x - sigma * out
 
 
 class UnetPatcher:
@@ -317,6 +326,26 @@ class _Forge:
         hires = getattr(self, "is_hr_pass", False)
         return dict(max_chunks=self.max_chunks, flavor=self.flavor,
                     hr_cfg=self.hr_cfg if hires else None)
+
+    def model_table(self):
+        sigmas = self.sd_model.forge_objects.unet.model.predictor.sigmas.double()
+        return 1 / (1 + sigmas * sigmas)
+
+    @contextlib.contextmanager
+    def batch_schedule(self):
+        """Forge's `process_images_inner` right before each `p.sample`: a ZTSNR model (its
+        `ztsnr` key, or the setting) gets `predictor.set_sigmas(rescaled)`, undone after."""
+        if not self.ztsnr:
+            yield
+            return
+        predictor = self.sd_model.forge_objects_after_applying_lora.unet.model.predictor
+        before = predictor.sigmas
+        ac = rescale_zero_terminal_snr(1 / (1 + before * before))   # float32, as Forge
+        predictor.set_sigmas(((1 - ac) / ac).sqrt())
+        try:
+            yield
+        finally:
+            predictor.set_sigmas(before)
 
     def reset_forge_objects(self):
         self.sd_model.forge_objects = copy.copy(self.sd_model.forge_objects_after_applying_lora)

@@ -192,8 +192,9 @@ def test_a1111_sd3_is_refused():
                         config="SD15"),
     lambda: a1111_model(sd1_like(0), parameterization="eps"),
     lambda: a1111_model(sdxl_like(0), parameterization="v"),
+    lambda: a1111_model(unet(sd1_like, in_channels=8), parameterization="eps"),
 ], ids=["forge-sd1", "forge-sdxl-v", "ldm-patched-sdxl-v", "ldm-patched-sd1-inpaint",
-        "a1111-sd1", "a1111-sdxl-v"])
+        "a1111-sd1", "a1111-sdxl-v", "a1111-instruct-pix2pix"])
 def test_sd_unets_on_discrete_eps_or_v_schedules_are_accepted(model):
     check_model(model())
 

@@ -25,7 +25,7 @@ from ..record import Role
 from ..schedule import VPSchedule
 from .sdxl import with_native_size
 from .unet_hooks import LATENT_FACTOR, NativeCall, UNetHooks, _Current
-from .webui import WebUIGeneration, check_model, model_name
+from .webui import WebUIGeneration, alphas_cumprod_schedule, check_model, model_name
 from .webui_args import FamRequestError
 
 __all__ = ["a1111_roles", "cond_repeats", "RowCursor", "Attn1Hook", "A1111Hooks",
@@ -143,10 +143,8 @@ def unet_layout(sd_model) -> UNetLayout:
 
 
 def model_schedule(sd_model) -> VPSchedule:
-    try:
-        return VPSchedule(sd_model.alphas_cumprod)
-    except ValueError:  # downcast ᾱ (opts.use_downcasted_alpha_bar) can repeat values
-        return VPSchedule(sd_model.alphas_cumprod_original)
+    """The σ table A1111's samplers use for this batch (read inside `p.sample`)."""
+    return alphas_cumprod_schedule(sd_model)
 
 
 class _Inputs(NamedTuple):

@@ -22,11 +22,12 @@ from ..schedule import VPSchedule
 from .patcher import Attention, PatcherHooks, sdpa_attention
 from .sdxl import native_size_vector, with_native_size
 from .unet_hooks import LATENT_FACTOR
-from .webui import WebUIGeneration, check_model, model_name
+from .webui import WebUIGeneration, alphas_cumprod_schedule, check_model, model_name
 from .webui_args import FamRequestError
 
 __all__ = ["ForgeGeneration", "ForgeHost", "HOST", "forge_layout", "forge_schedule",
-           "native_vector_fn", "forge_generation", "webui_attention", "low_vram_mode"]
+           "sampler_schedule", "native_vector_fn", "forge_generation", "webui_attention",
+           "low_vram_mode"]
 
 _RESERVED = "_fam_reserved_bytes"  # what FAM added to a clone's preserved sampling memory
 
@@ -122,6 +123,17 @@ def forge_schedule(k_model: Any) -> VPSchedule:
                               "SDXL have one)")
     s = sigmas.detach().double().cpu()
     return VPSchedule(1.0 / (1.0 + s * s))
+
+
+def sampler_schedule(sd_model: Any) -> VPSchedule:
+    """The σ table Forge's sampler runs on for this batch (read inside `p.sample`, after
+    the ZTSNR override): the predictor's in `backend/`; in Forge Classic and reForge the ldm
+    model's `alphas_cumprod`, which their A1111 samplers are built from and which is the one
+    table their ZTSNR rescales (Classic leaves `model_sampling` plain)."""
+    if forge_generation(sd_model) == "ldm_patched" and isinstance(
+            getattr(sd_model, "alphas_cumprod", None), torch.Tensor):
+        return alphas_cumprod_schedule(sd_model)
+    return forge_schedule(sd_model.forge_objects.unet.model)
 
 
 class ForgeGeneration(WebUIGeneration):
@@ -225,7 +237,7 @@ class ForgeHost:
         generation, name = forge_generation(sd_model), model_name(sd_model)
         layout = forge_layout(sd_model, name)
         try:
-            return ForgeGeneration(params, layout, forge_schedule(sd_model.forge_objects.unet.model),
+            return ForgeGeneration(params, layout, sampler_schedule(sd_model),
                                    name, attention=webui_attention(generation),
                                    low_vram=low_vram_mode(generation))
         except LayerSelectionError as e:

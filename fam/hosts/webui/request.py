@@ -10,14 +10,18 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ...schedule import VPSchedule
 from ..unet_hooks import LATENT_FACTOR
 from ..webui_args import FamRequestError
 
-__all__ = ["check_request", "check_model", "model_family", "model_name", "native_side",
-           "reference_size", "upscaled_reference", "per_row"]
+__all__ = ["check_request", "check_model", "alphas_cumprod_schedule", "model_family",
+           "model_name", "native_side", "reference_size", "upscaled_reference", "per_row"]
 
 NEEDS = "FAM Diffusion needs an SD1.x/SD2.x/SDXL UNet model"
 _UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
+# the latent, plus inpainting's mask and image (9) or an edit model's image (8: FAM runs and
+# reports the AM calls it skips on the extra branch); 5 (depth), 7 (x4 upscaler) are refused
+_INPUT_CHANNELS = (4, 8, 9)
 
 # readable family names for the class names the WebUIs give their models: Forge backend
 # engines (`p.sd_model`), ldm_patched `supported_models` / `model_base` classes, A1111's
@@ -106,14 +110,14 @@ def _schedule_problem(sd_model) -> str | None:
     k_model = _k_model(sd_model)
     predictor = getattr(k_model, "predictor", None)
     if predictor is not None:   # Forge backend/: `Prediction`, or a flow / EDM predictor
-        kind = getattr(predictor, "prediction_type", None)
-        if type(predictor).__name__ == "Prediction" and kind in ("epsilon", "v_prediction"):
+        kind, name = getattr(predictor, "prediction_type", None), type(predictor).__name__
+        if name == "Prediction" and kind in ("epsilon", "v_prediction"):
             return None
-        if kind == "const" or "Flow" in type(predictor).__name__ or "Flux" in type(predictor).__name__:
+        if kind == "const" or "Flow" in name or "Flux" in name:
             return "is a flow-matching model"
-        return f"uses an unsupported noise schedule ({type(predictor).__name__}, {kind})"
+        return f"uses an unsupported noise schedule ({name}, {kind})"
     sampling = getattr(k_model, "model_sampling", None)
-    if sampling is not None and hasattr(type(sampling), "__mro__"):   # ldm_patched
+    if sampling is not None:   # ldm_patched: a class made of a schedule and a parameterization
         parts = {c.__name__ for c in type(sampling).__mro__} - _SAMPLING_GENERIC
         if parts in _DISCRETE_VP:
             return None
@@ -140,12 +144,41 @@ def check_model(sd_model) -> None:
     out_ch, in_ch = getattr(net, "out_channels", 4), getattr(net, "in_channels", 4)
     if isinstance(out_ch, int) and out_ch != 4:
         raise FamRequestError(f"{NEEDS}; {family} is a UNet on a {out_ch}-channel latent")
-    if isinstance(in_ch, int) and in_ch not in (4, 9):
+    if isinstance(in_ch, int) and in_ch not in _INPUT_CHANNELS:
         raise FamRequestError(f"{NEEDS}; {family} is a UNet with {in_ch} input channels "
-                              "(an image-conditioned model: upscaler, edit or video)")
+                              "(an image-conditioned model such as an upscaler or depth model)")
     problem = _schedule_problem(sd_model)
     if problem is not None:
         raise FamRequestError(f"{NEEDS}; {family} {problem}")
+
+
+# ᾱ_T below this: the table was rescaled for zero terminal SNR (the WebUIs pin ᾱ_T to
+# 4.9e-08; SD's own ends at 4.7e-03)
+_ZTSNR_ALPHA_BAR_T = 1e-5
+
+
+def alphas_cumprod_schedule(sd_model) -> VPSchedule:
+    """The σ table of an ldm/sgm model's sampler (A1111, Forge Classic, reForge): its
+    `alphas_cumprod` as the WebUI set it for this batch, right before `p.sample` (the noise
+    schedule setting, a `ztsnr` checkpoint). With "Downcast alphas_cumprod" the fp16 table
+    repeats values: FAM then follows the float32 original, which differs from it by fp16
+    rounding only, unless the table was also rescaled for zero terminal SNR, where the
+    WebUI's own fp16 σ overflow to ∞ at the top: refused."""
+    ac = sd_model.alphas_cumprod
+    try:
+        return VPSchedule(ac)
+    except ValueError:
+        if float(ac[-1]) < _ZTSNR_ALPHA_BAR_T:
+            raise FamRequestError(
+                "FAM Diffusion cannot follow this noise schedule: the settings \"Downcast "
+                "model alphas_cumprod to fp16\" (Downcast alphas_cumprod) and \"Noise "
+                "schedule: Zero Terminal SNR\" together make the WebUI sample from σ = ∞; "
+                "turn one of them off, or turn FAM off") from None
+        original = getattr(sd_model, "alphas_cumprod_original", None)
+        if not isinstance(original, torch.Tensor):
+            raise FamRequestError("FAM: this model's alphas_cumprod table repeats values and "
+                                  "has no original to follow") from None
+        return VPSchedule(original)
 
 
 def check_request(p, txt2img: bool) -> None:
