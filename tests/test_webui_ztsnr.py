@@ -12,11 +12,12 @@ import torch
 
 import forge_like
 from a1111_like import ALPHAS_CUMPROD, rescale_zero_terminal_snr, sd_model as a1111_model
+from fam.guidance import FamRun
 from fam.hosts.forge import forge_schedule, sampler_schedule
 from fam.hosts.webui_args import FamRequestError
 from fam.params import FamParams
-from ldm_like import sd1_like, sdxl_like
-from test_a1111_script import fresh_log, web  # noqa: F401 - the same miniature WebUI
+from ldm_like import sd1_like, sd1_without_top_attention, sdxl_like
+from test_a1111_script import fresh_log, image, web  # noqa: F401 - the same miniature WebUI
 from test_forge import SIGMA_TABLE
 from test_frequency import reference as fm_reference
 from test_ztsnr import FM_ULPS, REF_ULPS, Spy, log_nearest64, max_ulps, noised64, t_reference
@@ -160,3 +161,37 @@ def test_sigma_max_latents_stay_finite_through_a_half_precision_unet():
     x0 = k_model.apply_model(x, torch.tensor([SIGMA_MAX]), torch.randn(1, 3, 8))
     assert x0.dtype == torch.float32 and torch.isfinite(x0).all()
     assert math.isinf(float(torch.tensor(SIGMA_MAX, dtype=torch.float16) ** 2))   # why
+
+
+# ---- img2img: the recompute path from σ_max -----------------------------------------------------
+@pytest.mark.parametrize("host", ["a1111", "forge-main", "forge-neo"])
+def test_img2img_upscaling_of_a_vpred_ztsnr_model_on_the_recompute_path(web, monkeypatch, host):
+    """A v-prediction model (the SD1 layout, native 512²) on the ZTSNR schedule, img2img to
+    520² with FAM (full re-noise: the pass starts at σ_max): the input image re-noised at
+    4518.76 as the native reference, finite, AM on every high-res call."""
+    unet = sd1_without_top_attention()
+    kw = dict(init_images=[image()], width=520, height=520, ztsnr=True, steps=2)
+    if host == "a1111":
+        model = a1111_model(unet, parameterization="v",
+                            alphas_cumprod_original=ALPHAS_CUMPROD.float())
+        make = lambda args: web.img2img(model, args, **kw)   # noqa: E731
+    else:
+        flavor = host.split("-")[1]
+        patcher = forge_like.NeoUnetPatcher if flavor == "neo" else forge_like.UnetPatcher
+        model = forge_like.sd_model(
+            forge_like.forge_unet(unet), SIGMA_TABLE.clone(), patcher=patcher,
+            predictor=forge_like.Prediction(SIGMA_TABLE.clone(), "v_prediction"))
+        make = lambda args: forge_like.Img2Img(web, model, args, flavor=flavor, **kw)   # noqa: E731
+    ready_maps = FamRun._ready_maps
+    spy = Spy(monkeypatch)
+    monkeypatch.setattr(FamRun, "_ready_maps", ready_maps)   # no native record to spy on here
+    out = web.process_images(make(FAM))
+    info = out.infotexts[0]
+    assert info["FAM AM path"] == "recompute" and not {"FAM AM skipped", "FAM note"} & set(info)
+    assert torch.isfinite(out.samples[0]).all() and not web.logged
+    assert spy.fm[0]["sigma"] == pytest.approx(SIGMA_MAX, rel=1e-6) and len(spy.fm) == 2
+    sigma = spy.fm[0]["sigma"]
+    ref64 = noised64(spy.z0, spy.eps, sigma, spy.vp)
+    assert max_ulps(spy.fm[0]["ref"], ref64, torch.float32) <= REF_ULPS[torch.float32]
+    plain = web.process_images(make([]))
+    assert (out.samples[0] - plain.samples[0]).abs().max() > 1e-3
