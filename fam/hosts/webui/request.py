@@ -44,7 +44,8 @@ FAMILIES = {
 }
 # what ldm_patched's dynamic `ModelSampling` classes are made of, less the generic names
 _SAMPLING_GENERIC = {"ModelSampling", "ModelSamplingAdvanced", "Module", "object"}
-_DISCRETE_VP = ({"ModelSamplingDiscrete", "EPS"}, {"ModelSamplingDiscrete", "EPS", "V_PREDICTION"})
+_DISCRETE_VP = ({"ModelSamplingDiscrete", "EPS"},
+                {"ModelSamplingDiscrete", "EPS", "V_PREDICTION"})
 
 
 def model_name(sd_model) -> str:
@@ -77,7 +78,7 @@ def _k_model(sd_model):
     return getattr(unet, "model", None)
 
 
-def core_net(sd_model):
+def _core_net(sd_model):
     """The denoising network itself: Forge's `diffusion_model` under its patcher, A1111's
     under the ldm/sgm wrapper."""
     holder = _k_model(sd_model) if hasattr(sd_model, "forge_objects") else getattr(
@@ -135,7 +136,7 @@ def check_model(sd_model) -> None:
     an ldm-style UNet (every transformer: Flux, SD 3, Qwen-Image, …, and any new one), a UNet
     on another latent or with image channels FAM cannot resize, or a schedule that is not
     discrete ε/v (flow-matching SDXL fine-tunes, EDM)."""
-    net = core_net(sd_model)
+    net = _core_net(sd_model)
     family = model_family(sd_model)
     if net is None:
         raise FamRequestError(f"{NEEDS}; {family} has no denoising network FAM can find")
