@@ -15,7 +15,8 @@ real script) that behave as the Forge flavours do around the script hooks:
     patcher's `clone()` copies only dicts and lists (callables are shared, not deep-copied);
     the k-diffusion sampler writes the whole σ schedule into the active patcher's
     `transformer_options["sampling_sigmas"]` before it samples (so every attn1 patch sees
-    it); UniPC is a k-diffusion sampler (`sample_unipc`) that calls the denoiser with a new
+    it) and passes its `model_options` to the CFG denoiser on every call; UniPC is a
+    k-diffusion sampler (`sample_unipc`) that calls the denoiser with a new
     tensor; a model loaded in parts is marked `model_lowvram` on the torch model;
   * "ersatz" (ersatzForge): in the hires pass the reset, then `before_hr`, then one hook;
   * "classic" (Forge Classic): one call per pass, no Hires CFG, and the first step of every
@@ -24,6 +25,7 @@ real script) that behave as the Forge flavours do around the script hooks:
 
 import contextlib
 import copy
+import functools
 from types import SimpleNamespace
 
 import torch
@@ -213,8 +215,13 @@ class CFGDenoiser(nn.Module):
         self.flavor, self.hr_cfg = flavor, hr_cfg
         self.calls = []
         self.step = 0
+        self.takes_model_options = False
 
-    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None):
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None,
+                **kwargs):
+        if self.takes_model_options:   # Neo's k-diffusion samplers pass theirs on every call
+            assert isinstance(kwargs.pop("model_options"), dict)
+        assert not kwargs
         if self.hr_cfg is not None:
             cond_scale = self.hr_cfg
         if self.flavor == "classic" and self.step == 0:
@@ -286,11 +293,23 @@ def sample_unipc(cfg, x, sigmas, cond, uncond, scale=5.0, callback=None):
     return z
 
 
+def with_model_options(func):
+    """A sampler of Neo's vendored k-diffusion: every denoiser call carries the sampler's
+    `model_options` (its `extra_args`), which Neo's CFG denoiser merges into the patcher's."""
+    @functools.wraps(func)
+    def sample(cfg, *args, **kwargs):
+        return func(lambda *a, **k: cfg(*a, model_options={}, **k), *args, **kwargs)
+    return sample
+
+
 class KSampler(a1111_like.KDiffusionSampler):
     def __init__(self, funcname, model, p):
         self.func = {"euler": a1111_like.euler, "unipc": sample_unipc}[funcname]
         self.model_wrap_cfg = CFGDenoiser(model, **p.forge_cfg_kw())
         self.callbacks = 0
+        if p.flavor == "neo":
+            self.func = with_model_options(self.func)
+            self.model_wrap_cfg.takes_model_options = True
 
     def _run(self, p, x, sig, c, uc):
         if p.flavor == "neo":   # Neo: the schedule into the patcher in place now
