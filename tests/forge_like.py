@@ -80,9 +80,13 @@ class Seq(ldm_like.Seq):
 
 class UNet(ldm_like.LdmUNet):
     """Sets `block` (("input", i), ("middle", 0), ("output", i)) in the transformer options
-    before each block, as Forge's UNet does."""
+    before each block, as Forge's UNet does, and adds a ControlNet's residual after the middle
+    block as Forge's and ComfyUI's do: popped from `control["middle"]` (the UNet consumes
+    it), skipped with a warning when its shape does not fit (`skipped_control` counts)."""
 
-    def forward(self, x, context, transformer_options=None):
+    skipped_control = 0
+
+    def forward(self, x, context, transformer_options=None, control=None):
         opts = {} if transformer_options is None else transformer_options
         opts["original_shape"] = list(x.shape)
         hs = []
@@ -92,6 +96,12 @@ class UNet(ldm_like.LdmUNet):
             hs.append(x)
         opts["block"] = ("middle", 0)
         x = self.middle_block(x, context, transformer_options=opts)
+        if control and control.get("middle"):
+            residual = control["middle"].pop()
+            if residual.shape == x.shape:
+                x = x + residual
+            else:
+                type(self).skipped_control += 1
         for i, blk in enumerate(self.output_blocks):
             opts["block"] = ("output", i)
             x = torch.cat([x, hs.pop()], 1)
@@ -121,7 +131,8 @@ class KModel(nn.Module):
     def apply_model(self, x, t, c_crossattn=None, c_concat=None, control=None,
                     transformer_options=None, **kwargs):
         sigma = t[:, None, None, None]
-        eps = self.diffusion_model(x * (sigma ** 2 + 1) ** -0.5, c_crossattn, transformer_options)
+        eps = self.diffusion_model(x * (sigma ** 2 + 1) ** -0.5, c_crossattn, transformer_options,
+                                   control)
         return x - sigma * eps
 
 
