@@ -21,7 +21,7 @@ from .attention import AmContext
 from .frequency import frequency_modulate
 from .layers import AttnLayer
 from .params import FamParams
-from .record import EntryMaps, NativeEntry, NativeRecord, ReferenceRecord, Role, Segment
+from .record import EntryMaps, Located, NativeEntry, NativeRecord, ReferenceRecord, Role, Segment
 from .replay import Replayer, ReplayDone
 from .schedule import VPSchedule, noised_reference
 from .transfer import HostMemory, Prefetcher
@@ -62,7 +62,7 @@ class FamRun:
         self._segment: Segment | None = None        # ... and this call's segment of it
         self._recorded: set[str] = set()
         self._maps: EntryMaps | None = None         # high-res pass: this call's native maps
-        self._runs = None                           # ... and where its rows are in them
+        self._located: Located | None = None        # ... and where its rows are in them
         # high-res pass
         self._z0 = self._eps = None
         self._vp = False
@@ -72,6 +72,8 @@ class FamRun:
         # what happened, for the infotext and the benchmark
         self.am_calls = 0
         self.am_skipped: Counter[str] = Counter()
+        self.am_borrowed = 0   # AM calls with a row on its image's other CFG branch's map
+        self.am_partial = 0    # AM calls that left rows without any native map unmodulated
         self.fm_calls = 0
         self.stats: dict[str, int] = {}
 
@@ -120,7 +122,7 @@ class FamRun:
         if self.record is not None:
             self.record.release()
         self.record = None
-        self._z0 = self._eps = self._maps = self._runs = self._entry = self._segment = None
+        self._z0 = self._eps = self._maps = self._located = self._entry = self._segment = None
         self._prefetch = None
         if self._replayer is not None:
             self._replayer.close()
@@ -138,7 +140,7 @@ class FamRun:
             if replay is not None and self.params.am_active:
                 self._entry.replays.append(replay)
         elif self.phase == HIRES:
-            self._maps, self._runs = self._ready_maps(sigma, roles)
+            self._maps, self._located = self._ready_maps(sigma, roles)
         self._sigma, self._roles, self._latent_hw = sigma, roles, latent_hw
 
     def on_attn1(self, layer: str, hidden: torch.Tensor) -> AmContext | None:
@@ -216,7 +218,7 @@ class FamRun:
             flats = self._prefetch.flats(entry)
         else:
             flats = [s.data for s in entry.segments]
-        return EntryMaps(entry, flats), entry.locate(roles)
+        return EntryMaps(entry, flats), entry.locate(roles, borrow=True)
 
     @contextlib.contextmanager
     def _recording_into(self, entry: NativeEntry) -> Iterator[None]:
@@ -239,22 +241,41 @@ class FamRun:
             return None, "token grid changed (token merging / hypertile)"
         if hidden.shape[0] != len(self._roles):
             return None, "batch rows do not match the CFG layout"
-        native = None if self._runs is None else self._maps.rows(layer, self._runs)
+        located = self._located
+        native = None if located is None else self._maps.rows(layer, located.runs)
         if native is None:
-            return None, "no native map for a row's role"
+            return None, "no native map for the call's rows"
         native_grid = token_grid(self.native_hw, level)
         if native.shape[1] != native_grid[0] * native_grid[1]:
             return None, "native token grid mismatch"
+        self.am_borrowed += located.borrowed > 0
+        self.am_partial += located.rows is not None
         return AmContext(native.to(hidden.device, hidden.dtype), grid, native_grid,
-                         self.params.am_lambda), None
+                         self.params.am_lambda, located.rows), None
 
     def report(self) -> dict[str, str]:
         """Infotext entries describing what FAM actually did (skips and fallbacks)."""
         out = {}
         if self.record is not None and self.params.am_active and self.record.recompute:
             out["FAM AM path"] = "recompute"
-        if self.memory.pin_failed:
-            out["FAM record"] = "not page-locked (cudaHostRegister failed): copies are synchronous"
+        memory, record_notes = self.memory, []
+        if memory.unpinned_bytes:
+            record_notes.append(f"{memory.unpinned_bytes / 2**20:.1f} MiB pageable (page-locked "
+                                "memory kept under half the RAM free at the start): "
+                                "their copies are synchronous")
+        if memory.pin_failed:
+            record_notes.append("not page-locked (cudaHostRegister failed): copies are synchronous")
+        if record_notes:
+            out["FAM record"] = "; ".join(record_notes)
+        fallbacks = []
+        if self.am_borrowed:
+            fallbacks.append(f"{self.am_borrowed} of {self.am_calls} calls: rows of a CFG branch "
+                             "the first pass did not run took their image's other branch's map")
+        if self.am_partial:
+            fallbacks.append(f"{self.am_partial} of {self.am_calls} calls: rows whose image has "
+                             "no native map kept their own attention")
+        if fallbacks:
+            out["FAM AM fallback"] = "; ".join(fallbacks)
         skipped = sum(self.am_skipped.values())
         if skipped:
             reasons = "; ".join(f"{n}x {r}" for r, n in self.am_skipped.most_common())

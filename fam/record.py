@@ -22,9 +22,11 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from .transfer import HostMemory, Streams
+from .transfer import HostMemory, Streams, pin_limit
+from .schedule import log_sigma as _log_sigma
 
-__all__ = ["Role", "Segment", "NativeEntry", "EntryMaps", "NativeRecord", "ReferenceRecord"]
+__all__ = ["Role", "Segment", "NativeEntry", "Located", "EntryMaps", "NativeRecord",
+           "ReferenceRecord"]
 
 _MAX_STAGED = 2          # offload: segments waiting on the device for their host buffer
 
@@ -38,6 +40,9 @@ class Role(NamedTuple):
 
     def fallback(self) -> "Role":
         return Role(self.image, self.uncond, 0)
+
+    def other_branch(self) -> "Role":
+        return Role(self.image, not self.uncond, 0)
 
 
 class Slice(NamedTuple):
@@ -85,6 +90,15 @@ class Segment:
         return True
 
 
+class Located(NamedTuple):
+    """Where a call's rows are in an entry: `runs` (segment, start, stop) over the rows that
+    have a map, in order; `rows` their indices in the call (None: every row); `borrowed`:
+    rows whose role was not recorded and that take their image's other CFG branch."""
+    runs: tuple[tuple[int, int, int], ...]
+    rows: tuple[int, ...] | None = None
+    borrowed: int = 0
+
+
 @dataclass(eq=False)
 class NativeEntry:
     sigma: float
@@ -93,25 +107,37 @@ class NativeEntry:
     _where: dict[Role, tuple[int, int]] | None = field(default=None, repr=False)
     _indexed: int = field(default=0, repr=False)
 
-    def locate(self, roles: Sequence[Role]) -> tuple[tuple[int, int, int], ...] | None:
-        """The rows of `roles`, in order, as runs (segment, start, stop) — one run when the
-        call has the rows of a native call in its order; an AND part without its own native
-        row takes its image's first cond row. None if a role was never recorded."""
+    def locate(self, roles: Sequence[Role], borrow: bool = False) -> Located | None:
+        """Where the rows of `roles` are — one run when the call has the rows of a native
+        call in its order. An AND part without its own native row takes its image's first
+        cond row. A role never recorded (the passes' CFG differ: a first pass at CFG 1, a
+        skipped uncond) is None, or with `borrow` takes its image's other branch; a row whose
+        image has no row at all is left out of `rows`. None when no row has a map."""
         if self._where is None or self._indexed != len(self.segments):
             self._where = {r: (s, i) for s, seg in enumerate(self.segments)
                            for i, r in enumerate(seg.roles)}
             self._indexed = len(self.segments)
         runs: list[list[int]] = []
-        for r in roles:
+        rows, borrowed = [], 0
+        for row, r in enumerate(roles):
             at = self._where.get(r) or self._where.get(r.fallback())
+            if at is None and borrow:
+                at = self._where.get(r.other_branch())
+                borrowed += at is not None
             if at is None:
-                return None
+                if not borrow:
+                    return None
+                continue
+            rows.append(row)
             s, i = at
             if runs and runs[-1][0] == s and runs[-1][2] == i:
                 runs[-1][2] = i + 1
             else:
                 runs.append([s, i, i + 1])
-        return tuple(tuple(run) for run in runs)
+        if not rows:
+            return None
+        return Located(tuple(tuple(run) for run in runs),
+                       None if len(rows) == len(roles) else tuple(rows), borrowed)
 
 
 class EntryMaps:
@@ -121,7 +147,7 @@ class EntryMaps:
         self.entry, self.flats = entry, tuple(flats)
 
     def rows(self, layer: str, runs) -> torch.Tensor | None:
-        """(rows, n, C) for the runs of `NativeEntry.locate`: a view when it is one run."""
+        """(rows, n, C) for the runs of a `Located`: a view when it is one run."""
         parts = []
         for s, start, stop in runs:
             seg = self.entry.segments[s]
@@ -131,8 +157,6 @@ class EntryMaps:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _log_sigma(sigma: float) -> float:
-    return math.log(max(float(sigma), 1e-12))
 
 
 class NativeRecord:
@@ -207,6 +231,8 @@ class NativeRecord:
         self.device = device
         self.offload = self.offload_wanted and device.type in self.offload_devices
         self.streams = Streams(device)
+        if self.offload:   # the free RAM now bounds what the record may page-lock
+            self.memory.pin_limit = pin_limit()
         if self.offload and device.type == "cuda":
             self.memory.pin, self.memory.device = True, device
 

@@ -37,23 +37,29 @@ class Replayer:
         self.replays = 0
         self.unavailable: str | None = None   # why replays stopped, if they did
         self._scratch: NativeEntry | None = None
+        self._tried: set[tuple[Role, ...]] = set()   # row roles rebuilt for at the scratch's σ
 
     def close(self) -> None:
         """No more replays; the scratch entry's maps are freed (the count stays)."""
         self.replay_fn = self._scratch = None
+        self._tried = set()
 
     def maps(self, entry: NativeEntry, roles: Sequence[Role]):
-        """(EntryMaps, row runs) of `entry` for `roles`, rebuilt by replay, or None. A replay
+        """(EntryMaps, `Located`) of `entry` for `roles`, rebuilt by replay, or None. A replay
         may cover only its own call's rows (reference path): a split CFG call at the same σ
-        (cond chunk, then uncond) adds its rows to the entry rebuilt for the previous one."""
-        scratch = self._scratch
+        (cond chunk, then uncond) adds its rows to the entry rebuilt for the previous one.
+        Rows the replays cannot give (a role the first pass never ran) borrow, as on the
+        record path; each row layout is rebuilt for once per σ."""
+        roles, scratch = tuple(roles), self._scratch
         if scratch is not None and scratch.sigma != entry.sigma:
-            scratch = None
-        if scratch is None or scratch.locate(roles) is None:
+            scratch, self._tried = None, set()
+        if (scratch is None or scratch.locate(roles) is None) and roles not in self._tried:
+            self._tried.add(roles)
             scratch = self._scratch = self._rebuild(entry, scratch)
-        if scratch is None:
+        located = None if scratch is None else scratch.locate(roles, borrow=True)
+        if located is None:
             return None
-        return EntryMaps(scratch, [s.data for s in scratch.segments]), scratch.locate(roles)
+        return EntryMaps(scratch, [s.data for s in scratch.segments]), located
 
     def _rebuild(self, entry: NativeEntry, scratch: NativeEntry | None) -> NativeEntry | None:
         if self.replay_fn is None or not entry.replays:

@@ -187,6 +187,41 @@ def test_a_page_locked_offloaded_generation_equals_the_device_record_and_unlocks
     assert torch.equal(off.hires, run(unet).hires)
 
 
+def test_page_locking_stays_under_half_the_free_ram_and_says_so(unet, pinned_offload, monkeypatch):
+    """Page-locked memory cannot be swapped: a record larger than half the RAM free at its
+    start page-locks up to that, keeps the rest pageable (same result) and says so."""
+    rt = pinned_offload
+    registered = []
+    register = rt.cudaHostRegister
+
+    def counting(ptr, size, flags):
+        registered.append(size)
+        return register(ptr, size, flags)
+
+    rt.cudaHostRegister = counting
+    whole = run(unet)
+    segment = whole.run.stats["record_bytes"] // 4            # one per native step, equal
+    assert registered == [segment] * 4 and "FAM record" not in whole.run.report()
+    registered.clear()
+    monkeypatch.setattr(fam.transfer, "available_ram", lambda: 5 * segment)   # half: 2.5 segments
+    capped = run(unet)
+    assert registered == [segment] * 2 and rt.live == {}
+    assert capped.run.memory.unpinned_bytes == 2 * segment and not capped.run.memory.pin_failed
+    assert capped.run.report()["FAM record"].startswith(
+        f"{2 * segment / 2**20:.1f} MiB pageable (page-locked memory kept under half the RAM")
+    assert torch.equal(capped.hires, whole.hires)
+
+
+def test_the_free_ram_is_known_here_and_a_container_limit_bounds_it(tmp_path):
+    ram = fam.transfer.available_ram()
+    assert ram is not None and 0 < ram < 2**50
+    (tmp_path / "memory.max").write_text("3000000\n")            # cgroup v2: 3 MB, 1 MB used
+    (tmp_path / "memory.current").write_text("1000000\n")
+    assert fam.transfer.available_ram(str(tmp_path)) == min(ram, 2000000) == 2000000
+    (tmp_path / "memory.max").write_text("max\n")
+    assert fam.transfer.available_ram(str(tmp_path)) >= 0.5 * ram   # no limit: the machine's
+
+
 def test_a_failing_generation_leaves_no_registration(unet, pinned_offload, monkeypatch):
     sched = diffusers.EulerDiscreteScheduler(**SCHED_KW)
     real_step, calls = type(sched).step, []

@@ -212,11 +212,17 @@ class A1111Hooks(UNetHooks):
         if hooked:
             self.install()
 
-    def call(self, forward: Callable, x, sigma, sigma_s: float, kwargs: dict):
-        """One inner-model call (its σ already read as `sigma_s`) as a FAM call."""
+    def call(self, forward: Callable, x, sigma, kwargs: dict):
+        """One inner-model call as a FAM call, at the σ of its CFG call (read there once)."""
         roles = self.cursor.take(x.shape[0])
-        self.open_call(sigma_s, roles, x, _Inputs(x, sigma, kwargs, self.vp, forward))
+        s = self.sigma if self.sigma is not None else self._read_sigma(sigma)
+        self.open_call(s, roles, x, _Inputs(x, sigma, kwargs, self.vp, forward))
         return self.inside(forward, x, sigma, **kwargs)
+
+    def _read_sigma(self, sigma) -> float:
+        """σ of an inner call made outside a CFG call (the timestep denoisers pass t)."""
+        s = float(sigma.flatten()[0])
+        return self.schedule.t_to_sigma(s) if self.vp else s
 
     def _replay_native(self, call: NativeCall, current: _Current) -> None:
         z, s_in = call.inputs.for_denoiser(call.sigma, self.vp, self.schedule)
@@ -249,10 +255,10 @@ class A1111Generation(WebUIGeneration):
 
     def _wrap_inner(self, cfg: Any) -> None:
         inner = cfg.inner_model
-        inner_forward, vp = inner.forward, self._vp
+        inner_forward = inner.forward
 
         def inner_call(x, sigma, **kwargs):
-            return self.hooks.call(inner_forward, x, sigma, self.sigma_of(sigma, vp), kwargs)
+            return self.hooks.call(inner_forward, x, sigma, kwargs)
 
         self.patch(inner, "forward", inner_call)
 

@@ -131,10 +131,12 @@ class PatcherHooks(UNetHooks):
         self.native_vector = native_vector
         self.steps = 0                  # high-res CFG steps
         self._by_key = self._keys(self.layers)
-        self._pending: tuple[str, Any] | None = None   # attn1 patch -> attn1 replace
+        self._pending: tuple[str, Any, int] | None = None   # attn1 patch -> attn1 replace
         self._part = 0                                  # next AND part in this CFG step
         self._late_skips = 0
         self._fetched = self._applied = 0   # AM contexts the attn1 patch got / the replace used
+        self._taken: set[str] = set()       # AM layers another extension replaced before FAM
+        self._taken_calls = 0
 
     @staticmethod
     def _keys(layers):
@@ -160,7 +162,12 @@ class PatcherHooks(UNetHooks):
         _strip(unet.model_options)
         unet.set_model_attn1_patch(self._attn1_patch())
         if self.run.phase == HIRES:
+            theirs = (unet.model_options.get("transformer_options", {})
+                      .get("patches_replace", {}).get("attn1", {}))
             for layer in self.layers:
+                if (layer.block, layer.index, layer.transformer) in theirs:
+                    self._taken.add(layer.name)   # another extension's attention stays
+                    continue
                 unet.set_model_attn1_replace(self._attn1_replace(layer), layer.block,
                                              layer.index, layer.transformer)
         unet.set_model_unet_function_wrapper(
@@ -176,6 +183,10 @@ class PatcherHooks(UNetHooks):
         elif lost:
             note = (f"AM did not run in {lost} of {self._fetched} calls: another "
                     "extension replaced the attention of the AM layers after FAM")
+        elif self._taken_calls:
+            note = (f"AM did not run in {self._taken_calls} of "
+                    f"{self._taken_calls + self._fetched} calls: another extension replaced "
+                    "the attention of the AM layers before FAM")
         elif run.params.am_active and not self.paused and self.steps and not self.hires_calls:
             note = f"AM did not run: another extension replaced {self.host}'s UNet function wrapper"
         else:
@@ -186,9 +197,13 @@ class PatcherHooks(UNetHooks):
     def _attn1_patch(self):
         def attn1_patch(n, context, value, extra_options):
             layer = self._layer_of(extra_options)
-            if layer is not None and self.in_unet_call:
+            if layer is None or not self.in_unet_call:
+                return n, context, value
+            if self.run.phase == HIRES and layer.name in self._taken:
+                self._taken_calls += 1
+            else:
                 ctx = self.run.on_attn1(layer.name, n)
-                self._pending = (layer.name, ctx)
+                self._pending = (layer.name, ctx, n.shape[0])
                 self._fetched += ctx is not None
             return n, context, value
         return _mark(attn1_patch, self)
@@ -197,10 +212,10 @@ class PatcherHooks(UNetHooks):
         def attn1_replace(q, k, v, extra_options):
             pending, self._pending = self._pending, None
             heads = int(extra_options.get("n_heads") or layer.heads)
-            ctx = pending[1] if pending is not None and pending[0] == layer.name else None
-            if ctx is not None:
+            name, ctx, rows = pending if pending is not None else (None, None, 0)
+            if ctx is not None and name == layer.name:
                 tokens = ctx.hires_hw[0] * ctx.hires_hw[1]
-                if q.shape[:2] == k.shape[:2] == v.shape[:2] == (ctx.native_hidden.shape[0], tokens):
+                if q.shape[:2] == k.shape[:2] == v.shape[:2] == (rows, tokens):
                     self._applied += 1
                     return am_projected_attention(q, k, v, heads, layer.module, ctx)
                 self._late_skips += 1
@@ -225,7 +240,8 @@ class PatcherHooks(UNetHooks):
     def _unet_call(self, inputs: _Inputs):
         x, t = inputs.args["input"], inputs.args["timestep"]
         roles = self._roles(inputs.args, x.shape[0])
-        sigma = float(t.flatten()[0])   # the patcher's UNet always gets σ (timestep samplers too)
+        # the CFG call's σ when the host gave it, else one read (the UNet always gets σ)
+        sigma = self.sigma if self.sigma is not None else float(t.flatten()[0])
         self.open_call(sigma, roles, x, inputs)
         return self.inside(_through, inputs.previous, inputs.apply_model, inputs.args)
 

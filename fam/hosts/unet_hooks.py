@@ -92,6 +92,7 @@ class UNetHooks:
     def __init__(self, run: FamRun, layers: Sequence[AttnLayer]):
         self.run, self.layers = run, tuple(layers)
         self.in_unet_call = False
+        self.sigma: float | None = None   # σ of the CFG call in progress, when the host knows it
         self.paused = False      # every call passes through (after a refiner switch)
         self.vp = False          # the UNet's latents are VP latents (timestep denoisers)
         self.reference: Reference | None = None

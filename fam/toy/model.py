@@ -1,5 +1,5 @@
-"""The toy model: a tiny diffusers UNet (the issue's layout: SD1.5-like attention in the
-middle level only), its sampler, the fixed "prompt", and the shipped checkpoints
+"""The toy model: a tiny diffusers UNet (SD1.5-like layout with attention in the middle
+level only), its sampler, the fixed "prompt", and the shipped checkpoints
 (`fam/toy/checkpoints/<world>.safetensors` in fp16 + `<world>.json`)."""
 
 from __future__ import annotations

@@ -150,10 +150,10 @@ class WebUIGeneration:
         if self.mode == "hires" and _sampler_kind(sampler) in CORRECTOR_SAMPLERS:
             self._wrap_corrector(sampler)
 
-    def sigma_of(self, sigma: Any, vp: bool | None = None) -> float:
+    def sigma_of(self, sigma: Any) -> float:
         """σ of a denoiser call: k-diffusion passes σ, the timestep samplers pass t."""
         s = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
-        return self.schedule.t_to_sigma(s) if (self._vp if vp is None else vp) else s
+        return self.schedule.t_to_sigma(s) if self._vp else s
 
     def _switch(self) -> None:
         """The refiner took over this pass: AM stops."""
@@ -166,8 +166,11 @@ class WebUIGeneration:
         cfg_forward, model_wrap = cfg.forward, getattr(cfg, "model_wrap", None)
 
         def forward(x, sigma, *args, **kwargs):
-            s = self.sigma_of(sigma)
+            s = self.sigma_of(sigma)   # the one host read of σ in this CFG call
             self._last_sigma, self._calls_since_callback = s, self._calls_since_callback + 1
+            self.hooks.sigma = s
+            if self.mode == "native":   # FM's native size, whether or not a UNet hook runs
+                self.run.native_hw = tuple(x.shape[-2:])
             if self._switched:
                 if self.mode == "native":   # the refiner runs this native step: no maps for it
                     self.run.begin_call(s, (), tuple(x.shape[-2:]))
@@ -178,6 +181,7 @@ class WebUIGeneration:
             try:
                 return cfg_forward(x, sigma, *args, **kwargs)
             finally:
+                self.hooks.sigma = None
                 if not self._switched and getattr(cfg, "model_wrap", None) is not model_wrap:
                     self._switch()
                     if self.mode == "native":
