@@ -1,7 +1,7 @@
 """Stand-ins for what the ComfyUI host meets in ComfyUI, written for these tests from reading
 its public source (never copied), small enough for CI. The UNet dialect is Forge's (ComfyUI
-invented it): the transformer blocks, the UNet and the patcher's attn1 / wrapper setters come
-from `forge_like`. Added here:
+invented it): the transformer blocks and the patcher's attn1 / wrapper setters come from
+`forge_like`, the UNet from benchmarks/ldm.py. Added here:
 
   * `ModelPatcher`: `clone()` (model options deep-copied, wrappers copied per list),
     `add_wrapper_with_key`, object patches and `get_model_object`;
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import forge_like
+from benchmarks import ldm
 
 _AC = forge_like.a1111_like.ALPHAS_CUMPROD
 SD_SIGMAS = ((1 - _AC) / _AC).sqrt().float()   # the Forge tests' σ table
@@ -47,6 +48,11 @@ class ModelSamplingDiscrete(nn.Module):
     @property
     def sigma_min(self):
         return self.sigmas[0]
+
+    def timestep(self, sigma):
+        """The nearest index of σ in the table, as ComfyUI's."""
+        dists = sigma.float().log()[None] - self.sigmas.log()[:, None]
+        return dists.abs().argmin(0).view(sigma.shape).float()
 
 
 class EPS:
@@ -69,7 +75,12 @@ class V_PREDICTION(EPS):
 
 def sampling(*bases, sigmas=SD_SIGMAS):
     """A model sampling object of ComfyUI's dynamic class `ModelSampling(bases…)`."""
-    return type("ModelSampling", bases or (ModelSamplingDiscrete, EPS), {})(sigmas)
+    cls = type("ModelSampling", bases or (ModelSamplingDiscrete, EPS), {})
+    if issubclass(cls, ModelSamplingDiscrete):
+        return cls(sigmas)
+    ms = cls()              # a continuous or flow schedule: σ without the discrete table
+    ms.sigmas = sigmas
+    return ms
 
 
 def named(name, *bases):
@@ -102,9 +113,31 @@ class BaseModel(nn.Module):
     def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None,
                     transformer_options=None, y=None, **kwargs):
         ms = self.model_sampling
-        out = self.diffusion_model(ms.calculate_input(t, x), self.context(c_crossattn, y),
-                                   transformer_options, control)
+        out = run_unet(self.diffusion_model, ms.calculate_input(t, x), ms.timestep(t),
+                       self.context(c_crossattn, y), control, transformer_options)
         return ms.calculate_denoised(t, out, x)
+
+
+SKIPPED_CONTROL = [0]   # ControlNet residuals of the wrong size, skipped with a warning
+
+
+def run_unet(unet, x, timesteps, context, control, transformer_options):
+    """The UNet with a ControlNet's middle residual: popped from `control["middle"]` (the
+    UNet consumes it), skipped when its shape does not fit, as ComfyUI's UNet does."""
+    def add(module, args, out):
+        residual = control["middle"].pop()
+        if residual.shape == out.shape:
+            return out + residual
+        SKIPPED_CONTROL[0] += 1
+        return out
+
+    handle = (unet.middle_block.register_forward_hook(add)
+              if control and control.get("middle") else None)
+    try:
+        return unet(x, timesteps, context, transformer_options=transformer_options)
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def embed(v: torch.Tensor) -> torch.Tensor:
@@ -180,7 +213,7 @@ class Control:
     def get_control(self, x, t, cond, batched_number, transformer_options):
         self.calls.append(tuple(x.shape[-2:]))
         depth = sum(1 for b in self.model.diffusion_model.input_blocks
-                    if any(isinstance(m, forge_like.ldm_like.Downsample) for m in b))
+                    if any(isinstance(m, ldm.Downsample) for m in b))
         size = tuple(-(-n // 2 ** depth) for n in x.shape[-2:])
         hint = F.interpolate(self.hint, size=tuple(8 * n for n in x.shape[-2:]), mode="nearest")
         feats = torch.cat([F.adaptive_avg_pool2d(hint, size).expand(x.shape[0], -1, -1, -1),

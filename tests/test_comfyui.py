@@ -147,7 +147,7 @@ def _with_channels(c_in, c_out):
 
 @pytest.mark.parametrize("build, message", [
     (lambda: comfy_like.patcher(torch.nn.Linear(4, 4), config="Flux"),
-     "needs an SD1.x/SD2.x/SDXL UNet model; Flux.1 is a transformer model (input 'model')"),
+     "needs an SD1.x/SD2.x/SDXL UNet model; Flux.1 is a transformer model \\(input 'model'\\)"),
     (lambda: comfy_like.patcher(torch.nn.Linear(4, 4), config="Kandinsky5"),
      "Kandinsky5 is a transformer model"),
     (lambda: comfy_model(config="SDXLRefiner"), "SDXL Refiner is a refiner: use FAM with the "
@@ -188,7 +188,7 @@ def test_samplers_fm_cannot_reach_and_bad_scales_are_refused_by_name():
 
 def test_row_roles_follow_the_conds_place_in_its_list(comfy):
     hooks = ComfyHooks(SimpleNamespace(), (), None)
-    a, b, n = (SimpleNamespace() for _ in range(3))
+    a, b, n = (object() for _ in range(3))   # ComfyUI's uuid.UUID: hashable, by identity
     guider = SimpleNamespace(conds={"positive": [{"uuid": a}, {"uuid": b}],
                                     "negative": [{"uuid": n}]})
     hooks._follow(guider)
@@ -254,14 +254,15 @@ def test_every_row_layout_is_guided_with_its_own_roles(comfy, batch, parts, max_
     split, _ = run_fix(model, batch=batch, conds=conds, cfg=cfg)
     chunks = [len(kinds) for kinds, _ in comfy_like.Guider.calls]
     assert max(chunks) == min(max_chunks or 99, parts + (cfg != 1.0))
-    torch.testing.assert_close(split["samples"], whole["samples"], atol=1e-5, rtol=1e-5)
+    # 1e-4 of the Forge test in the sampler's units is 2e-4 in the graph's (scale factor 0.5)
+    torch.testing.assert_close(split["samples"], whole["samples"], atol=2e-4, rtol=1e-4)
     plain, _ = run_fix(model, FamParams(), batch=batch, conds=conds, cfg=cfg)
     assert (plain["samples"] - split["samples"]).abs().max() > 1e-2
 
 
 def test_record_and_recompute_paths_agree_with_a_controlnet(comfy):
     """The UNet consumes a call's ControlNet residuals: a replayed native call gets new ones."""
-    forge_like.UNet.skipped_control = 0
+    comfy_like.SKIPPED_CONTROL[0] = 0
     control = comfy_like.Control(torch.rand(1, 3, 64, 64), channels=32)
     conds = prompts(control=control)
     model = comfy_model()
@@ -271,16 +272,16 @@ def test_record_and_recompute_paths_agree_with_a_controlnet(comfy):
     no_control, _ = run_fix(model, conds=prompts())
     assert (no_control["samples"] - rec["samples"]).abs().max() > 1e-3
     assert NATIVE in control.calls and HIRES in control.calls
-    assert forge_like.UNet.skipped_control == 0
+    assert comfy_like.SKIPPED_CONTROL[0] == 0
 
 
 def test_reference_path_gives_native_size_calls_native_controlnet_residuals(comfy):
-    forge_like.UNet.skipped_control = 0
+    comfy_like.SKIPPED_CONTROL[0] = 0
     control = comfy_like.Control(torch.rand(1, 3, 64, 64), channels=32)
     native = torch.randn(1, 4, *NATIVE, generator=torch.Generator().manual_seed(5))
     out = run_pass(comfy_model(), native, conds=prompts(control=control))
     assert control.calls.count(NATIVE) == STEPS and control.calls.count(HIRES) == STEPS
-    assert forge_like.UNet.skipped_control == 0 and torch.isfinite(out["samples"]).all()
+    assert comfy_like.SKIPPED_CONTROL[0] == 0 and torch.isfinite(out["samples"]).all()
 
 
 @pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "uni_pc"])
@@ -403,9 +404,9 @@ def test_unusable_inputs_are_refused_naming_them(comfy):
                   sampling, STEPS, 1.0, 2.0, 0, 1.0, ON)
     with pytest.raises(FamComfyError, match="input 'latent'"):
         hires_pass(model, {"samples": torch.zeros(4, 8, 8)}, sampling, STEPS, 2.0, 1.0, ON)
-    with pytest.raises(FamComfyError, match="blocks \\[7\\] have no self-attention in SD1.x.*"
+    with pytest.raises(FamComfyError, match="blocks \\[1\\] have no self-attention in SD1.x.*"
                                             "input 'am_blocks'"):
-        run_fix(model, ON.replace(am_blocks="7"))
+        run_fix(model, ON.replace(am_blocks="1"))
     with pytest.raises(FamComfyError, match="Flux.1 is a transformer model"):
         run_fix(comfy_like.patcher(torch.nn.Linear(4, 4), config="Flux"))
     assert not comfy.sampled   # refused before anything ran
