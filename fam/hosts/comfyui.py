@@ -484,13 +484,3 @@ def hires_pass(model, latent: dict, sampling: Sampling, steps: int, scale: float
             gen.close()
 
 
-def params_from(values: Mapping[str, Any], settings: FamParams | None) -> FamParams:
-    """The node's FAM settings: a linked FAM Settings node's, else its own widgets."""
-    if settings is not None:
-        if not isinstance(settings, FamParams):
-            raise FamComfyError("input 'fam_settings' must come from a FAM Settings node")
-        return settings
-    try:
-        return FamParams(**{name: values[name] for name in FamParams.names()})
-    except FamParamError as e:
-        raise FamComfyError(f"{e} (input '{e.field}')") from e
