@@ -492,3 +492,59 @@ def test_install_py_does_nothing_outside_a_webui():
     """ComfyUI-Manager runs install.py with ComfyUI's Python, which has no `launch`."""
     out = subprocess.run([sys.executable, "install.py"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
+
+
+# ---- the example workflows in docs/comfyui ---------------------------------------------------
+DOCS = os.path.join(ROOT, "docs", "comfyui")
+CORE_NODES = {"CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler",
+              "VAEDecode", "VAEEncode", "SaveImage", "LoadImage", "ImageScale"}
+
+
+def _workflows(suffix):
+    return sorted(f for f in os.listdir(DOCS) if f.endswith(suffix))
+
+
+@pytest.mark.parametrize("name", _workflows(".api.json"))
+def test_api_workflows_give_every_fam_node_input_a_valid_value(comfy, name):
+    """What ComfyUI's validation checks for the FAM nodes, on the shipped API workflows (the
+    live tests run them); the nodes they link to are ComfyUI's core nodes."""
+    import json
+    with open(os.path.join(DOCS, name)) as f:
+        wf = json.load(f)
+    assert any(n["class_type"] in NODE_CLASS_MAPPINGS for n in wf.values())
+    for node_id, node in wf.items():
+        cls = NODE_CLASS_MAPPINGS.get(node["class_type"])
+        if cls is None:
+            assert node["class_type"] in CORE_NODES
+            continue
+        spec = cls.INPUT_TYPES()
+        inputs = node["inputs"]
+        assert set(inputs) - set(spec["required"]) <= set(spec.get("optional", {}))
+        for key, (kind, *opts) in spec["required"].items():
+            value = inputs[key]
+            if isinstance(value, list):          # a link: [node id, output index]
+                assert value[0] in wf
+            elif isinstance(kind, list):   # the stand-in lists only a few of ComfyUI's
+                assert value in kind or key in ("sampler_name", "scheduler"), (key, value)
+            elif kind in ("INT", "FLOAT"):
+                assert opts[0]["min"] <= value <= opts[0]["max"], (key, value)
+        if "am_blocks" in inputs:
+            assert cls.VALIDATE_INPUTS(am_blocks=inputs["am_blocks"]) is True
+
+
+def test_ui_workflows_match_the_api_ones():
+    """Each UI-format workflow (what the frontend loads) has the nodes of its API twin."""
+    import json
+    for name in _workflows(".ui.json"):
+        with open(os.path.join(DOCS, name)) as f:
+            ui = json.load(f)
+        with open(os.path.join(DOCS, name.replace(".ui.json", ".api.json"))) as f:
+            api = json.load(f)
+        assert sorted(n["type"] for n in ui["nodes"]) == sorted(n["class_type"] for n in api.values())
+
+
+def test_pyproject_has_the_comfy_registry_table():
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        comfy_table = tomllib.load(f)["tool"]["comfy"]
+    assert comfy_table["DisplayName"].startswith("FAM Diffusion") and comfy_table["PublisherId"]

@@ -130,8 +130,8 @@ def model_kind(patcher: Any) -> ModelKind:
         flow = ", flow matching" if kind == "CONST" else ""
         raise FamComfyError(
             f"FAM Diffusion needs a discrete ε- or v-prediction noise schedule; this {family} "
-            f"model samples with {schedule} ({kind}{flow}) (input 'model'; a ModelSampling node "
-            "may have set it)")
+            f"model samples with {schedule} ({kind}{flow}), from the checkpoint or a "
+            "ModelSampling node (input 'model')")
     sigmas = sampling.sigmas.detach().double().cpu()
     return ModelKind(family, layout, VPSchedule(1.0 / (1.0 + sigmas * sigmas)),
                      type(base).__name__ == "SDXL")
