@@ -8,6 +8,7 @@ Standard library only (runs in ComfyUI's own Python or any other). Options:
   FAM_COMFYUI_SDXL        SDXL checkpoint name (default: the docs workflow's; its case is skipped
                           when ComfyUI does not list it)
   FAM_COMFYUI_CONTROLNET  an SD1.x ControlNet name (the ControlNet case is skipped without it)
+  FAM_COMFYUI_LORA        an SD1.x LoRA name (the LoRA case is skipped without it)
   FAM_COMFYUI_SIZE, FAM_COMFYUI_STEPS   native size and steps per pass (128, 2: a CPU runs
                           the high-res pass of a full-size SD1.5 at 256² in about a minute)
   FAM_COMFYUI_LOG         the server's log file: checks no FAM run logged a skipped ControlNet
@@ -19,6 +20,7 @@ Each job runs once per session and is shared between tests."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import struct
@@ -37,6 +39,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "comfyui"
 SD15 = os.environ.get("FAM_COMFYUI_SD15", "v1-5-pruned-emaonly.safetensors")
 SDXL = os.environ.get("FAM_COMFYUI_SDXL", "sd_xl_base_1.0.safetensors")
 CONTROLNET = os.environ.get("FAM_COMFYUI_CONTROLNET", "")
+LORA = os.environ.get("FAM_COMFYUI_LORA", "")
 SIZE = int(os.environ.get("FAM_COMFYUI_SIZE", "128"))
 STEPS = int(os.environ.get("FAM_COMFYUI_STEPS", "2"))
 SEED, CFG = 7, 7.0
@@ -99,7 +102,7 @@ class Job:
         out = self.history.get("outputs", {}).get(node, {}).get(kind, [])
         return [view(f) for f in out]
 
-    def latents(self, node: str) -> list[tuple[list[int], bytes]]:
+    def latents(self, node: str) -> list[tuple[list[int], str, str]]:
         return [latent_tensor(raw) for raw in self.files(node, "latents")]
 
     def image_sizes(self, node: str) -> list[tuple[int, int]]:
@@ -114,13 +117,14 @@ def view(f: dict) -> bytes:
     return raw
 
 
-def latent_tensor(raw: bytes) -> tuple[list[int], bytes]:
-    """(shape, bytes) of `latent_tensor` in a SaveLatent file (safetensors)."""
+def latent_tensor(raw: bytes) -> tuple[list[int], str, str]:
+    """(shape, dtype, sha256 of the bytes) of `latent_tensor` in a SaveLatent file
+    (safetensors): equal means bit-identical."""
     n = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8:8 + n])
     info = header["latent_tensor"]
     begin, end = info["data_offsets"]
-    return info["shape"], raw[8 + n + begin:8 + n + end]
+    return info["shape"], info["dtype"], hashlib.sha256(raw[8 + n + begin:8 + n + end]).hexdigest()
 
 
 def fresh() -> None:
@@ -174,11 +178,19 @@ def save(wf: dict, node: str, source: list, image: bool = True) -> dict:
     return wf
 
 
-def fam_workflow(batch=1, hires_denoise=0.5, control=False, **fam) -> dict:
+def fam_workflow(batch=1, hires_denoise=0.5, control=False, lora=False, **fam) -> dict:
     wf = base(batch=batch)
+    if lora:   # LoraLoader between the checkpoint and everything that uses it
+        wf["1l"] = {"class_type": "LoraLoader", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "lora_name": LORA, "strength_model": 1.0,
+            "strength_clip": 1.0}}
+        for key in ("2", "3"):
+            wf[key]["inputs"]["clip"] = ["1l", 1]
     wf["5"] = {"class_type": "FAMHiresSampler", "inputs": sampling(
         latent_image=["4", 0], scale=2.0, denoise=1.0, hires_steps=STEPS,
         hires_denoise=hires_denoise, **fam_widgets(**fam))}
+    if lora:
+        wf["5"]["inputs"]["model"] = ["1l", 0]
     if control:
         with_control(wf, "5")
     save(wf, "hires", ["5", 0])
@@ -226,6 +238,7 @@ def job(name: str) -> Job:
         "fam_off": lambda: fam_workflow(enabled=False),
         "fam_batch2": lambda: fam_workflow(batch=2, am_lambda=0.5),
         "fam_control": lambda: fam_workflow(control=True),
+        "fam_lora": lambda: fam_workflow(lora=True),
     }
     return Job(jobs[name]())
 
@@ -254,14 +267,14 @@ def test_output_sizes():
     j = finished(job("fam"))
     assert j.image_sizes("hiresi") == [(2 * SIZE, 2 * SIZE)]
     assert j.image_sizes("nativei") == [(SIZE, SIZE)]
-    ((shape, _),) = j.latents("hires")
-    assert shape == [1, 4, SIZE // 4, SIZE // 4]
+    ((shape, dtype, _),) = j.latents("hires")
+    assert shape == [1, 4, SIZE // 4, SIZE // 4] and dtype == "F32"
 
 
 def test_batch_of_two():
     j = finished(job("fam_batch2"))
     assert j.image_sizes("hiresi") == [(2 * SIZE, 2 * SIZE)] * 2
-    ((shape, _),) = j.latents("hires")
+    ((shape, _, _),) = j.latents("hires")
     assert shape == [2, 4, SIZE // 4, SIZE // 4]
 
 
@@ -297,6 +310,15 @@ def test_controlnet_and_fam():
     log = os.environ.get("FAM_COMFYUI_LOG")
     if log:
         assert "control could not be applied" not in Path(log).read_text(errors="replace")
+
+
+@pytest.mark.skipif(not LORA, reason="FAM_COMFYUI_LORA is not set")
+def test_lora_and_fam():
+    j, fam = finished(job("fam_lora")), finished(job("fam"))
+    assert j.image_sizes("hiresi") == [(2 * SIZE, 2 * SIZE)]
+    if j.latents("native") == fam.latents("native"):   # the native pass is a plain KSampler's
+        pytest.skip("the LoRA does not change even the native pass in this ComfyUI")
+    assert j.latents("hires") != fam.latents("hires")
 
 
 # ---- refusals ----------------------------------------------------------------------------------
