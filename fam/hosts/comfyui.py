@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..guidance import HIRES, FamRun
 from ..layers import AttnLayer, LayerSelectionError, UNetLayout, discover
-from ..params import FamParamError, FamParams
+from ..params import FamParams
 from ..record import Role
 from ..schedule import VPSchedule
 from .patcher import Attention, PatcherHooks, _Inputs, _through
