@@ -174,6 +174,12 @@ def test_every_other_model_is_refused_by_type_naming_its_family(build, message):
         model_kind(build())
 
 
+def test_a_comfyui_without_model_wrappers_is_refused():
+    old = forge_like.UnetPatcher(comfy_like.BaseModel(forge_like.forge_unet(sd1_like(0))))
+    with pytest.raises(FamComfyError, match="needs a ComfyUI with model wrappers"):
+        model_kind(old)
+
+
 def test_samplers_fm_cannot_reach_and_bad_scales_are_refused_by_name():
     check_sampler("uni_pc")
     with pytest.raises(FamComfyError, match="cannot guide sampler 'sa_solver'.*input 'sampler_name'"):
