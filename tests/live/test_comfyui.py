@@ -29,6 +29,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -322,31 +323,37 @@ def test_lora_and_fam():
 
 
 def test_every_listed_sampler_and_scheduler_runs_with_fam():
-    """Each sampler and each scheduler of the node's lists, at 64² -> 128² (8 s a run on a
-    CPU): finished, the right size, and (for the samplers) not the plain result."""
+    """Each sampler and each scheduler of the node's lists, at 64² -> 128² (about 10 s a run
+    on a CPU): finished, the right size, and (for the samplers) not the plain result. One
+    that fails with FAM off as well is broken in this ComfyUI, not by FAM: reported, not
+    failed."""
     spec = object_info()["FAMHiresSampler"]["input"]["required"]
     runs = [(s, "normal") for s in spec["sampler_name"][0]]
     runs += [("euler", s) for s in spec["scheduler"][0] if s != "normal"]
-    failed = {}
+
+    def run(sampler, scheduler, enabled):
+        wf = base()
+        wf["4"]["inputs"].update(width=64, height=64)
+        wf["5"] = {"class_type": "FAMHiresSampler", "inputs": sampling(
+            latent_image=["4", 0], sampler_name=sampler, scheduler=scheduler, scale=2.0,
+            denoise=1.0, hires_steps=STEPS, hires_denoise=0.5, **fam_widgets(enabled=enabled))}
+        return Job(save(wf, "hires", ["5", 0], image=False))
+
+    failed, broken = {}, {}
     for sampler, scheduler in runs:
-        results = []
-        for enabled in (True, False) if scheduler == "normal" else (True,):
-            wf = base()
-            wf["4"]["inputs"].update(width=64, height=64)
-            wf["5"] = {"class_type": "FAMHiresSampler", "inputs": sampling(
-                latent_image=["4", 0], sampler_name=sampler, scheduler=scheduler, scale=2.0,
-                denoise=1.0, hires_steps=STEPS, hires_denoise=0.5, **fam_widgets(enabled=enabled))}
-            j = Job(save(wf, "hires", ["5", 0], image=False))
-            if j.code != 200 or j.status != "success":
-                failed[(sampler, scheduler)] = j.messages()[-300:] or j.answer
-                break
-            results.append(j.latents("hires"))
-        if (sampler, scheduler) in failed:
+        key = (sampler, scheduler)
+        fam = run(sampler, scheduler, True)
+        if fam.code != 200 or fam.status != "success":
+            plain = run(sampler, scheduler, False)
+            ok = plain.code == 200 and plain.status == "success"
+            (failed if ok else broken)[key] = fam.messages()[-300:] or fam.answer
             continue
-        if results[0][0][0] != [1, 4, 16, 16]:
-            failed[(sampler, scheduler)] = f"shape {results[0][0][0]}"
-        elif len(results) == 2 and results[0] == results[1]:
-            failed[(sampler, scheduler)] = "FAM gave the plain result"
+        if fam.latents("hires")[0][0] != [1, 4, 16, 16]:
+            failed[key] = f"shape {fam.latents('hires')[0][0]}"
+        elif scheduler == "normal" and run(sampler, scheduler, False).latents("hires") == fam.latents("hires"):
+            failed[key] = "FAM gave the plain result"
+    if broken:
+        warnings.warn(f"broken in this ComfyUI with FAM off too: {broken}")
     assert not failed, failed
 
 
