@@ -105,10 +105,13 @@ def _through(previous, apply_model, args):
 
 
 class _Inputs(NamedTuple):
-    """A UNet batch as the wrapper got it: the wrapper below FAM's, the model, the args."""
+    """A UNet batch as the wrapper got it: the wrapper below FAM's, the model, the args, and
+    the batch's ControlNet object where the host can name it (its residuals in `args` are
+    consumed by the UNet and made for this batch's size: native-size calls need their own)."""
     previous: Any
     apply_model: Callable
     args: dict
+    control: Any = None
 
 
 class PatcherHooks(UNetHooks):
@@ -236,13 +239,18 @@ class PatcherHooks(UNetHooks):
     # ---- per UNet batch -------------------------------------------------------------------
     def _unet_call(self, inputs: _Inputs):
         x, t = inputs.args["input"], inputs.args["timestep"]
-        kinds = inputs.args.get("cond_or_uncond") or ()
-        roles = chunk_roles(kinds, x.shape[0], self._part)
-        self._part += sum(1 for k in kinds if k == 0)
+        roles = self._roles(inputs.args, x.shape[0])
         # the CFG call's σ when the host gave it, else one read (the UNet always gets σ)
         sigma = self.sigma if self.sigma is not None else float(t.flatten()[0])
         self.open_call(sigma, roles, x, inputs)
-        return self.inside(_through, *inputs)
+        return self.inside(_through, inputs.previous, inputs.apply_model, inputs.args)
+
+    def _roles(self, args: Mapping[str, Any], rows: int) -> list[Role]:
+        """Row roles of one UNet batch; AND parts are counted through the CFG step."""
+        kinds = args.get("cond_or_uncond") or ()
+        roles = chunk_roles(kinds, rows, self._part)
+        self._part += sum(1 for k in kinds if k == 0)
+        return roles
 
     def inside(self, fn: Callable, *args, **kwargs):
         self._pending = None
@@ -256,9 +264,14 @@ class PatcherHooks(UNetHooks):
         self.inside(_through, call.inputs.previous, current.inputs.apply_model, call.inputs.args)
 
     def _replay_reference(self, z: torch.Tensor, sigma: float, current: _Current) -> None:
-        args = current.inputs.args
-        kwargs = native_kwargs(args["c"], z.shape[-2:])
+        kwargs = self._native_kwargs(current.inputs, z)
+        self.inside(current.inputs.apply_model, z, current.inputs.args["timestep"], **kwargs)
+
+    def _native_kwargs(self, inputs: _Inputs, z: torch.Tensor) -> dict:
+        """UNet kwargs of the batch `inputs` for its rows at z's native size (SDXL's `y`
+        saying that size)."""
+        kwargs = native_kwargs(inputs.args["c"], z.shape[-2:])
         if self.native_vector is not None and isinstance(kwargs.get("y"), torch.Tensor):
             h, w = (LATENT_FACTOR * n for n in z.shape[-2:])
             kwargs["y"] = self.native_vector(kwargs["y"], h, w)
-        self.inside(current.inputs.apply_model, z, args["timestep"], **kwargs)
+        return kwargs
