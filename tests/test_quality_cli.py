@@ -11,9 +11,9 @@ pytest.importorskip("safetensors")
 from fam.quality import am_verdict, main, table
 
 
-def row(method, value, n=64, scale=2, metric="coherent_stripes"):
+def row(method, value, n=64, scale=2, metric="coherent_stripes", world="stripes"):
     se = (value * (1 - value) / n) ** 0.5
-    return dict(world="stripes", scale=scale, method=method, n=n, metric=metric,
+    return dict(world=world, scale=scale, method=method, n=n, metric=metric,
                 value=value, se=se)
 
 
@@ -28,6 +28,22 @@ def test_am_verdict_needs_more_than_twice_the_se_of_the_difference():
                        row("fm_only", 0.0)])
     assert [v.endswith("AM helps") for v in both] == [False, True]
     assert am_verdict([row("fam", 0.5, metric="one_round_disc")]) == []
+
+
+def test_am_verdict_of_world_3_is_on_copies_agree():
+    rows = [row(m, v, metric=k, world="copies") for m, v in (("fam", 0.6), ("fm_only", 0.2))
+            for k in ("copies_agree", "two_patches")]
+    lines = am_verdict(rows)
+    assert lines == am_verdict(rows, "copies") and len(lines) == 1
+    assert lines[0].startswith("2x copies agree: FAM (defaults) - FAM, FM only = +0.40")
+    assert lines[0].endswith("AM helps")
+    assert am_verdict(rows, "stripes") == []
+
+
+def test_unknown_method_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--method", "fam:lambda=7", "--n", "1"])
+    assert e.value.code == 2 and "am_lambda" in capsys.readouterr().err
 
 
 def test_json_rows_table_and_grid(tmp_path, capsys):

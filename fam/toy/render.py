@@ -13,7 +13,7 @@ from ..params import FamParams
 from .model import CHECKPOINTS, load_checkpoint, make_scheduler, to_image
 from .worlds import WORLDS, World
 
-__all__ = ["Method", "METHODS", "ToyModel", "load", "to_image"]
+__all__ = ["Method", "METHODS", "method", "ToyModel", "load", "to_image"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,29 @@ METHODS = {m.name: m for m in (
     Method("fm_only", "FAM, FM only", FamParams(enabled=True, am_enabled=False)),
     Method("am_only", "FAM, AM only", FamParams(enabled=True, fm_enabled=False)),
 )}
+_VARIANTS = {"lambda": ("am_lambda", float, "λ {}"), "blocks": ("am_blocks", str, "AM blocks {}")}
+
+
+def method(name: str) -> Method:
+    """A method by name: one of METHODS, or FAM / AM only with one AM setting changed, for
+    the sweeps that choose the defaults: `fam:lambda=0.3`, `am_only:blocks=2,3` (ldm
+    output-block indices, as FamParams.am_blocks takes them)."""
+    if name in METHODS:
+        return METHODS[name]
+    base, _, change = name.partition(":")
+    key, _, value = change.partition("=")
+    if base not in ("fam", "am_only") or key not in _VARIANTS or not value:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}, or "
+                         "fam / am_only with :lambda=<0-1> or :blocks=<i,j,...>")
+    field, kind, label = _VARIANTS[key]
+    m = METHODS[base]
+    try:
+        params = m.params.replace(**{field: kind(value)})
+    except ValueError as e:
+        raise ValueError(f"method {name!r}: {e}") from None
+    shown = params.am_blocks if key == "blocks" else f"{params.am_lambda:g}"
+    base_label = "FAM" if base == "fam" else m.label
+    return Method(name, f"{base_label}, {label.format(shown)}", params)
 
 
 @dataclass
@@ -59,13 +82,11 @@ class ToyModel:
         called after each method."""
         from ..hosts.diffusers import generate
         methods = list(methods)
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        resolved = {name: method(name) for name in methods}
         hw = (round(self.native * scale),) * 2
         out: dict[str, torch.Tensor] = {}
         for name in methods:
-            m = METHODS[name]
+            m = resolved[name]
             if name == "direct":
                 out[name] = to_image(self.sample(hw, seed, batch))
             elif m.params is not None:

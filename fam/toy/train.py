@@ -2,6 +2,7 @@
 
     python -m fam.toy.train --world disc        # world 1
     python -m fam.toy.train --world stripes     # world 2
+    python -m fam.toy.train --world copies      # world 3
 
 ε-prediction on the scaled-linear schedule (the SD1.5 one), fresh synthetic images every
 step (batch 32), AdamW with linear warm-up and cosine decay, gradient clipping, an EMA of
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import (CHECKPOINTS, NATIVE, SCHEDULER_CONFIG, UNET_CONFIG, build_unet, save_checkpoint,
-                    to_model)
+                    to_model, unet_config)
 from .worlds import WORLDS
 
 DEFAULTS = dict(steps=2000, batch=32, lr=1e-3, warmup=100, ema=0.999, seed=0, threads=2)
@@ -46,7 +47,7 @@ def train(world: str, steps: int, batch: int, lr: float, warmup: int, ema: float
     `snapshot(step, ema_unet, prompt)`, if given, is called every 500 steps."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    unet = build_unet().train()
+    unet = build_unet(unet_config(world)).train()
     ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
     g_data = torch.Generator().manual_seed(seed + 1)
     g_noise = torch.Generator().manual_seed(seed + 2)
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
     out = a.out or CHECKPOINTS / a.world
     w = WORLDS[a.world]
     meta = dict(world=w.name, number=w.number, summary=w.summary, native=NATIVE,
-                unet=UNET_CONFIG, scheduler=SCHEDULER_CONFIG,
+                unet=unet_config(a.world), scheduler=SCHEDULER_CONFIG,
                 sampling=dict(sampler="euler", steps=20, guidance_scale=1.0),
                 command=" ".join(["python -m fam.toy.train --world", a.world] + [
                     f"--{k} {getattr(a, k)}" for k, v in DEFAULTS.items() if getattr(a, k) != v]))
