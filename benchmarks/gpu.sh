@@ -4,7 +4,7 @@
 # ($PYTHON, else python3) with torch (CUDA) and pytest; diffusers, which GPU images often
 # lack, is installed offline from wheels in ./.whl when that folder holds them (how to fill
 # it: docs/benchmarks.md). Prints the machine first, then runs the CUDA-only tests (streams,
-# page-locked record, fp16 paths), then `python -m fam.bench --preset gpu`: SDXL and SD1.5 at
+# page-locked record, fp16 paths), then `python -m benchmarks.bench --preset gpu`: SDXL and SD1.5 at
 # 2×/3×/4×, both engines (diffusers and the A1111 adapter), FAM vs plain Hires fix, the
 # per-step split, the AM-layer parts; the table is printed last. Extra arguments go to the
 # benchmark (e.g. --json). Keep the whole output: bash benchmarks/gpu.sh 2>&1 | tee gpu.txt
@@ -33,4 +33,4 @@ PY
 rc=0
 timeout 150 "$PY" -m pytest -q -k cuda tests/ -p no:cacheprovider || rc=$?
 echo "== CUDA-only tests: exit status $rc (0 = all passed)"
-"$PY" -m fam.bench --preset gpu "$@"
+"$PY" -m benchmarks.bench --preset gpu "$@"

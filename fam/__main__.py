@@ -6,7 +6,6 @@ import sys
 COMMANDS = {
     "generate": ("fam.standalone.cli", "a FAM image (default model: the shipped toy), with --compare "
                                        "beside the plain Hires fix (same seed)"),
-    "bench": ("fam.bench", "FAM vs plain Hires fix: time and peak memory on random weights"),
 }
 
 

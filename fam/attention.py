@@ -97,11 +97,13 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 class AmContext(NamedTuple):
     """What an AM layer call needs from the native pass: its normalised attn1 input for the
-    same row roles (rows, n, C), the token grids, and λ."""
+    same row roles (rows, n, C), the token grids, and λ. `rows`: the call's rows those are
+    for, when not all of them have a native map (the others keep their own attention)."""
     native_hidden: torch.Tensor
     hires_hw: tuple[int, int]
     native_hw: tuple[int, int]
     lam: float
+    rows: tuple[int, ...] | None = None
 
 
 def am_self_attention(attn: torch.nn.Module, hidden: torch.Tensor, ctx: AmContext) -> torch.Tensor:
@@ -120,9 +122,15 @@ def am_projected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     """AM for hosts that hand over q, k, v already projected, (rows, N, heads·d) each (Forge's
     attn1 replace): returns the attention output of that shape, before `to_out`. Q_n, K_n
     come from `attn.to_q` / `attn.to_k` on the native input."""
-    native = ctx.native_hidden
+    native, scale = ctx.native_hidden, getattr(attn, "scale", None)
     q_n, k_n = (split_heads(proj(native), heads) for proj in (attn.to_q, attn.to_k))
-    out = modulated_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads),
-                              q_n, k_n, ctx.lam, ctx.hires_hw, ctx.native_hw,
-                              scale=getattr(attn, "scale", None))
+    q, k, v = (split_heads(t, heads) for t in (q, k, v))
+    if ctx.rows is None:
+        out = modulated_attention(q, k, v, q_n, k_n, ctx.lam, ctx.hires_hw, ctx.native_hw,
+                                  scale=scale)
+    else:
+        rows = list(ctx.rows)
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        out[rows] = modulated_attention(q[rows], k[rows], v[rows], q_n, k_n, ctx.lam,
+                                        ctx.hires_hw, ctx.native_hw, scale=scale)
     return merge_heads(out.to(q.dtype))

@@ -10,9 +10,10 @@ A new `FamRun` is made per generation and dropped afterwards: nothing outlives i
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -20,11 +21,12 @@ from .attention import AmContext
 from .frequency import frequency_modulate
 from .layers import AttnLayer
 from .params import FamParams
-from .record import EntryMaps, HostMemory, NativeEntry, NativeRecord, ReferenceRecord, Role, Segment
+from .record import EntryMaps, Located, NativeEntry, NativeRecord, ReferenceRecord, Role, Segment
+from .replay import Replayer, ReplayDone
 from .schedule import VPSchedule, noised_reference
-from .transfer import Prefetcher
+from .transfer import HostMemory, Prefetcher
 
-__all__ = ["FamRun", "ReplayUnavailable", "token_grid"]
+__all__ = ["FamRun", "token_grid", "NATIVE", "HIRES"]
 
 NATIVE, REPLAY, HIRES, IDLE = "native", "replay", "hires", "idle"
 
@@ -37,18 +39,12 @@ def token_grid(latent_hw, level: int) -> tuple[int, int]:
     return h, w
 
 
-class _ReplayDone(Exception):
-    """Raised inside a replayed native UNet once every AM layer is recorded: the rest of
-    the network is not needed."""
-
-
-class ReplayUnavailable(Exception):
-    """Raised by a host's replay function when native calls cannot be re-run in this pass
-    (e.g. a UNet hook holds high-res inputs). The message becomes the skip reason of every
-    AM call that needed a replay; no replay is tried again."""
-
-
 class FamRun:
+    """Phases idle → native → hires (→ idle at `end()`): in the native pass every AM layer's
+    input is recorded per σ and row role; in the high-res pass each UNet call gets the native
+    maps of the nearest native σ (from the record, or rebuilt by the `Replayer`) and FM
+    edits the sampler's latent."""
+
     def __init__(self, params: FamParams, am_layers: Sequence[AttnLayer], schedule: VPSchedule):
         self.params = params
         self.schedule = schedule
@@ -66,21 +62,25 @@ class FamRun:
         self._segment: Segment | None = None        # ... and this call's segment of it
         self._recorded: set[str] = set()
         self._maps: EntryMaps | None = None         # high-res pass: this call's native maps
-        self._runs = None                           # ... and where its rows are in them
+        self._located: Located | None = None        # ... and where its rows are in them
         # high-res pass
         self._z0 = self._eps = None
         self._vp = False
-        self._replay_fn: Callable[[Any], None] | None = None
+        self._replayer: Replayer | None = None
         self._replay_can_stop = False
-        self._replayed: NativeEntry | None = None   # recompute path: the last rebuilt entry
         self._prefetch: Prefetcher | None = None
-        self._no_maps_reason = "no native record for this step"
         # what happened, for the infotext and the benchmark
         self.am_calls = 0
         self.am_skipped: Counter[str] = Counter()
+        self.am_borrowed = 0   # AM calls with a row on its image's other CFG branch's map
+        self.am_partial = 0    # AM calls that left rows without any native map unmodulated
         self.fm_calls = 0
-        self.replays = 0
         self.stats: dict[str, int] = {}
+
+    @property
+    def replays(self) -> int:
+        """Native calls re-run in the high-res pass (recompute path)."""
+        return self._replayer.replays if self._replayer is not None else 0
 
     # ---- phases ---------------------------------------------------------------------
     def begin_native(self) -> None:
@@ -109,7 +109,9 @@ class FamRun:
                 self._prefetch = Prefetcher(rec.entries, rec.below, rec.streams, z0.device)
         self.phase = HIRES
         self._z0, self._eps, self._vp = z0, eps, vp
-        self._replay_fn, self._replay_can_stop = replay_fn, replay_can_stop
+        self._replay_can_stop = replay_can_stop
+        if replay_fn is not None:
+            self._replayer = Replayer(replay_fn, self._recording_into)
 
     def end(self) -> None:
         """Drop everything the run holds and give back the record's memory (called from the
@@ -120,8 +122,10 @@ class FamRun:
         if self.record is not None:
             self.record.release()
         self.record = None
-        self._z0 = self._eps = self._maps = self._runs = self._entry = self._segment = None
-        self._replayed = self._prefetch = self._replay_fn = None
+        self._z0 = self._eps = self._maps = self._located = self._entry = self._segment = None
+        self._prefetch = None
+        if self._replayer is not None:
+            self._replayer.close()
 
     # ---- per UNet evaluation --------------------------------------------------------
     def begin_call(self, sigma: float, roles: Sequence[Role], latent_hw,
@@ -136,7 +140,7 @@ class FamRun:
             if replay is not None and self.params.am_active:
                 self._entry.replays.append(replay)
         elif self.phase == HIRES:
-            self._maps, self._runs = self._ready_maps(sigma, roles)
+            self._maps, self._located = self._ready_maps(sigma, roles)
         self._sigma, self._roles, self._latent_hw = sigma, roles, latent_hw
 
     def on_attn1(self, layer: str, hidden: torch.Tensor) -> AmContext | None:
@@ -183,7 +187,7 @@ class FamRun:
             return
         self._recorded.add(layer)
         if self.phase == REPLAY and self._replay_can_stop and self._recorded >= self.levels.keys():
-            raise _ReplayDone
+            raise ReplayDone
 
     def _open_segment(self, hidden: torch.Tensor) -> Segment | None:
         """Plan this call's segment (every AM layer, in one buffer) and give it storage: the
@@ -208,70 +212,70 @@ class FamRun:
         if entry is None or not (entry.segments or entry.replays):
             return None, None   # e.g. a native step the refiner ran: nothing was recorded
         if self.record.recompute:
-            # a replay may cover only its own call's rows (reference path): a split CFG call
-            # at the same σ (cond chunk, then uncond) adds its rows to the rebuilt entry
-            scratch = self._replayed
-            if scratch is not None and scratch.sigma != entry.sigma:
-                scratch = None
-            if scratch is None or scratch.locate(roles) is None:
-                scratch = self._replayed = self._replay(entry, scratch)
-            if scratch is None:
-                return None, None
-            return EntryMaps(scratch, [s.data for s in scratch.segments]), scratch.locate(roles)
+            rebuilt = self._replayer.maps(entry, roles) if self._replayer is not None else None
+            return rebuilt or (None, None)
         if self._prefetch is not None:
             flats = self._prefetch.flats(entry)
         else:
             flats = [s.data for s in entry.segments]
-        return EntryMaps(entry, flats), entry.locate(roles)
+        return EntryMaps(entry, flats), entry.locate(roles, borrow=True)
 
-    def _replay(self, entry: NativeEntry, scratch: NativeEntry | None) -> NativeEntry | None:
-        if self._replay_fn is None or not entry.replays:
-            return scratch
-        scratch = scratch or NativeEntry(entry.sigma)
-        self.phase = REPLAY
+    @contextlib.contextmanager
+    def _recording_into(self, entry: NativeEntry) -> Iterator[None]:
+        """A replayed native call records into `entry` (the replayer's scratch)."""
+        self.phase, self._entry, self._segment = REPLAY, entry, None
         try:
-            for payload in entry.replays:
-                self._entry = scratch
-                try:
-                    self._replay_fn(payload)
-                except _ReplayDone:
-                    pass
-                except ReplayUnavailable as e:
-                    self._replay_fn, self._no_maps_reason = None, str(e)
-                    return None
-                self.replays += 1
+            yield
         finally:
-            self.phase = HIRES
-            self._entry = self._segment = None
-        return scratch
+            self.phase, self._entry, self._segment = HIRES, None, None
 
     def _context(self, layer: str, hidden: torch.Tensor):
         level = self.levels.get(layer)
         if level is None:
             return None, "not an AM layer"
         if self._maps is None:
-            return None, self._no_maps_reason
+            replayer = self._replayer
+            return None, (replayer and replayer.unavailable) or "no native record for this step"
         grid = token_grid(self._latent_hw, level)
         if hidden.shape[1] != grid[0] * grid[1]:
             return None, "token grid changed (token merging / hypertile)"
         if hidden.shape[0] != len(self._roles):
             return None, "batch rows do not match the CFG layout"
-        native = None if self._runs is None else self._maps.rows(layer, self._runs)
+        located = self._located
+        native = None if located is None else self._maps.rows(layer, located.runs)
         if native is None:
-            return None, "no native map for a row's role"
+            return None, "no native map for the call's rows"
         native_grid = token_grid(self.native_hw, level)
         if native.shape[1] != native_grid[0] * native_grid[1]:
             return None, "native token grid mismatch"
+        self.am_borrowed += located.borrowed > 0
+        self.am_partial += located.rows is not None
         return AmContext(native.to(hidden.device, hidden.dtype), grid, native_grid,
-                         self.params.am_lambda), None
+                         self.params.am_lambda, located.rows), None
 
     def report(self) -> dict[str, str]:
         """Infotext entries describing what FAM actually did (skips and fallbacks)."""
         out = {}
         if self.record is not None and self.params.am_active and self.record.recompute:
             out["FAM AM path"] = "recompute"
-        if self.memory.pin_failed:
-            out["FAM record"] = "not page-locked (cudaHostRegister failed): copies are synchronous"
+        memory, record_notes = self.memory, []
+        if memory.unpinned_bytes:
+            record_notes.append(f"{memory.unpinned_bytes / 2**20:.1f} MiB pageable (page-locked "
+                                "memory kept under half the RAM free at the start): "
+                                "their copies are synchronous")
+        if memory.pin_failed:
+            record_notes.append("not page-locked (cudaHostRegister failed): copies are synchronous")
+        if record_notes:
+            out["FAM record"] = "; ".join(record_notes)
+        fallbacks = []
+        if self.am_borrowed:
+            fallbacks.append(f"{self.am_borrowed} of {self.am_calls} calls: rows of a CFG branch "
+                             "the first pass did not run took their image's other branch's map")
+        if self.am_partial:
+            fallbacks.append(f"{self.am_partial} of {self.am_calls} calls: rows whose image has "
+                             "no native map kept their own attention")
+        if fallbacks:
+            out["FAM AM fallback"] = "; ".join(fallbacks)
         skipped = sum(self.am_skipped.values())
         if skipped:
             reasons = "; ".join(f"{n}x {r}" for r, n in self.am_skipped.most_common())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -19,12 +20,24 @@ class FamParamError(ValueError):
 
     def __init__(self, field_name: str, value: Any, allowed: str):
         self.field = field_name
-        super().__init__(f"FAM setting '{field_name}' = {value!r} is invalid: {allowed}")
+        super().__init__(f"FAM setting '{field_name}' = {_shown(value)} is invalid: {allowed}")
 
 
-def _setting(default, info_key, label, doc, lo=None, hi=None, step=None):
+def _shown(value: Any, limit: int = 80) -> str:
+    """The value as the message shows it: its repr, cut short (a request may send megabytes;
+    an int too long for a decimal string cannot even be repr'd)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<an integer of {value.bit_length()} bits>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _setting(default, info_key, label, doc, lo=None, hi=None, step=None, advanced=False):
+    """`advanced`: an engine internal, shown in the UI's collapsed "Advanced" group."""
     return field(default=default, metadata=dict(
-        infotext=info_key, label=label, doc=doc, minimum=lo, maximum=hi, step=step))
+        infotext=info_key, label=label, doc=doc, minimum=lo, maximum=hi, step=step,
+        advanced=advanced))
 
 
 @dataclass(frozen=True)
@@ -59,16 +72,18 @@ class FamParams:
     record_budget_mb: int = _setting(
         8192, "FAM record budget", "Record budget (MiB)",
         "Memory the native attention record may take; above it the native UNet is re-run "
-        "at each high-res step instead (exact, slower).", 0, 65536, 64)
+        "at each high-res step instead (exact, slower). Lower it only if the high-res pass "
+        "runs out of memory (0 always re-runs).", 0, 65536, 64, advanced=True)
     record_offload: bool = _setting(
         True, "FAM record offload", "Keep record in RAM",
         "On a GPU, keep the native record in CPU memory and copy one step at a time "
-        "(saves VRAM; the next step's part is copied while the current step runs).")
+        "(saves VRAM; the next step's part is copied while the current step runs). Turn it "
+        "off only with VRAM to spare for the whole record, to save those copies.",
+        advanced=True)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            _check(f, getattr(self, f.name))
-        object.__setattr__(self, "am_blocks", _normalise_blocks(self.am_blocks))
+            object.__setattr__(self, f.name, _checked(f, getattr(self, f.name)))
 
     # ---- derived -------------------------------------------------------------------
     @property
@@ -96,11 +111,11 @@ class FamParams:
     def from_dict(cls, d: Mapping[str, Any]) -> "FamParams":
         if not isinstance(d, Mapping):
             raise FamParamError("args", d, "expected a dict of FAM settings")
-        unknown = sorted(set(d) - set(cls.names()))
+        unknown = [k for k in d if k not in cls.names()]
         if unknown:
             raise FamParamError(
-                unknown[0], d[unknown[0]],
-                f"unknown key(s) {unknown}; allowed keys: {', '.join(cls.names())}")
+                _key_name(unknown[0]), d[unknown[0]],
+                f"unknown key(s) {_shown(unknown)}; allowed keys: {', '.join(cls.names())}")
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,7 +127,8 @@ class FamParams:
         names = cls.names()
         if len(args) > len(names):
             raise FamParamError(
-                "args", list(args), f"at most {len(names)} positional values ({', '.join(names)})")
+                "args", list(args),
+                f"expected at most {len(names)} positional values ({', '.join(names)})")
         return cls(**dict(zip(names, args)))
 
     def to_positional(self) -> list[Any]:
@@ -138,44 +154,71 @@ class FamParams:
         return dataclasses.replace(self, **changes)
 
 
-def _check(f: dataclasses.Field, v: Any) -> None:
+def _key_name(key: Any) -> str:
+    """An unknown key as the message names it: printable, short."""
+    text = repr(key)[1:-1] if isinstance(key, str) else _shown(key)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _checked(f: dataclasses.Field, v: Any) -> Any:
+    """The value of field f, normalised (int fields hold ints, am_blocks its canonical
+    form), or FamParamError naming the field and what it allows."""
     if f.type in ("bool", bool):
         if not isinstance(v, bool):
             raise FamParamError(f.name, v, "expected true or false")
-        return
+        return v
     if f.type in ("str", str):
-        if not isinstance(v, str):
-            raise FamParamError(f.name, v, _blocks_allowed())
-        _normalise_blocks(v, f.name)
-        return
+        return _normalise_blocks(v, f.name)
     is_int = f.type in ("int", int)
+    allowed = _number_allowed(f)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise FamParamError(f.name, v, allowed)
+    # compare before converting: an int too large for a float is simply out of range
     lo, hi = f.metadata["minimum"], f.metadata["maximum"]
-    kind = "an integer" if is_int else "a number"
-    if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-            or (is_int and v != int(v))):
-        raise FamParamError(f.name, v, f"expected {kind} in [{lo}, {hi}]")
-    if not lo <= v <= hi:
-        raise FamParamError(f.name, v, f"expected {kind} in [{lo}, {hi}]")
+    if (isinstance(v, float) and not math.isfinite(v)) or not lo <= v <= hi:
+        raise FamParamError(f.name, v, allowed)
+    if is_int:
+        if v != int(v):
+            raise FamParamError(f.name, v, allowed)
+        return int(v)
+    return float(v)
+
+
+def _number_allowed(f: dataclasses.Field) -> str:
+    kind = "an integer" if f.type in ("int", int) else "a number"
+    return f"expected {kind} in [{f.metadata['minimum']}, {f.metadata['maximum']}]"
 
 
 def _blocks_allowed() -> str:
     return (f"expected '{AM_BLOCKS_AUTO}' or comma-separated output block indices "
-            f"0-{MAX_OUTPUT_BLOCK}, e.g. '3,4,5'")
+            f"0-{MAX_OUTPUT_BLOCK} (digits 0-9), e.g. '3,4,5'")
 
 
-def _normalise_blocks(v: str, name: str = "am_blocks") -> str:
+_BLOCK_INDEX = re.compile(r"[0-9]{1,3}")   # ASCII digits: int() would take '３' or '٣' too
+
+
+def _normalise_blocks(v: Any, name: str = "am_blocks") -> str:
+    if not isinstance(v, str):
+        raise FamParamError(name, v, _blocks_allowed())
     s = v.strip().lower()
     if s == AM_BLOCKS_AUTO:
         return s
     parts = [p.strip() for p in s.split(",") if p.strip()]
-    if not parts or not all(p.isdigit() and int(p) <= MAX_OUTPUT_BLOCK for p in parts):
+    if not parts or not all(_BLOCK_INDEX.fullmatch(p) and int(p) <= MAX_OUTPUT_BLOCK
+                            for p in parts):
         raise FamParamError(name, v, _blocks_allowed())
     return ",".join(str(i) for i in sorted({int(p) for p in parts}))
 
 
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")   # ASCII only
+
+
 def _parse_text(f: dataclasses.Field, raw: Any) -> Any:
+    """An infotext / command-line value for field f: strings are parsed (numbers in plain
+    ASCII notation, booleans as True/False and the like); any other value is passed on to
+    the field's check as it is."""
     if not isinstance(raw, str):
-        return int(raw) if f.type in ("int", int) and isinstance(raw, float) else raw
+        return raw
     s = raw.strip()
     if f.type in ("bool", bool):
         if s.lower() in ("true", "1", "yes", "on"):
@@ -185,8 +228,6 @@ def _parse_text(f: dataclasses.Field, raw: Any) -> Any:
         raise FamParamError(f.name, raw, "expected True or False")
     if f.type in ("str", str):
         return s.strip('"')
-    try:
-        num = float(s)
-    except ValueError:
-        raise FamParamError(f.name, raw, "expected a number") from None
-    return int(num) if f.type in ("int", int) and num == int(num) else num
+    if not _NUMBER.fullmatch(s):
+        raise FamParamError(f.name, raw, _number_allowed(f))
+    return float(s)

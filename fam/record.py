@@ -9,23 +9,23 @@ the host's replay payloads, from which the maps are rebuilt by re-running the na
 ("recompute path", exact).
 
 Offloaded (a CUDA record kept in host memory): each segment is written on the device into a
-staging buffer, then copied on a side stream into an exactly sized page-locked host buffer
-(`HostMemory`), allocated off the critical path; `release()` gives every byte back."""
+staging buffer, then copied on a side stream into its host buffer (`fam.transfer`), allocated
+off the critical path; `release()` gives every byte back."""
 
 from __future__ import annotations
 
 import bisect
 import math
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from .transfer import Pages, Streams, cuda_runtime, page_locked
+from .transfer import HostMemory, Streams, pin_limit
+from .schedule import log_sigma as _log_sigma
 
-__all__ = ["Role", "Segment", "NativeEntry", "EntryMaps", "HostMemory", "NativeRecord",
+__all__ = ["Role", "Segment", "NativeEntry", "Located", "EntryMaps", "NativeRecord",
            "ReferenceRecord"]
 
 _MAX_STAGED = 2          # offload: segments waiting on the device for their host buffer
@@ -40,6 +40,9 @@ class Role(NamedTuple):
 
     def fallback(self) -> "Role":
         return Role(self.image, self.uncond, 0)
+
+    def other_branch(self) -> "Role":
+        return Role(self.image, not self.uncond, 0)
 
 
 class Slice(NamedTuple):
@@ -87,6 +90,15 @@ class Segment:
         return True
 
 
+class Located(NamedTuple):
+    """Where a call's rows are in an entry: `runs` (segment, start, stop) over the rows that
+    have a map, in order; `rows` their indices in the call (None: every row); `borrowed`:
+    rows whose role was not recorded and that take their image's other CFG branch."""
+    runs: tuple[tuple[int, int, int], ...]
+    rows: tuple[int, ...] | None = None
+    borrowed: int = 0
+
+
 @dataclass(eq=False)
 class NativeEntry:
     sigma: float
@@ -95,25 +107,37 @@ class NativeEntry:
     _where: dict[Role, tuple[int, int]] | None = field(default=None, repr=False)
     _indexed: int = field(default=0, repr=False)
 
-    def locate(self, roles: Sequence[Role]) -> tuple[tuple[int, int, int], ...] | None:
-        """The rows of `roles`, in order, as runs (segment, start, stop) — one run when the
-        call has the rows of a native call in its order; an AND part without its own native
-        row takes its image's first cond row. None if a role was never recorded."""
+    def locate(self, roles: Sequence[Role], borrow: bool = False) -> Located | None:
+        """Where the rows of `roles` are — one run when the call has the rows of a native
+        call in its order. An AND part without its own native row takes its image's first
+        cond row. A role never recorded (the passes' CFG differ: a first pass at CFG 1, a
+        skipped uncond) is None, or with `borrow` takes its image's other branch; a row whose
+        image has no row at all is left out of `rows`. None when no row has a map."""
         if self._where is None or self._indexed != len(self.segments):
             self._where = {r: (s, i) for s, seg in enumerate(self.segments)
                            for i, r in enumerate(seg.roles)}
             self._indexed = len(self.segments)
         runs: list[list[int]] = []
-        for r in roles:
+        rows, borrowed = [], 0
+        for row, r in enumerate(roles):
             at = self._where.get(r) or self._where.get(r.fallback())
+            if at is None and borrow:
+                at = self._where.get(r.other_branch())
+                borrowed += at is not None
             if at is None:
-                return None
+                if not borrow:
+                    return None
+                continue
+            rows.append(row)
             s, i = at
             if runs and runs[-1][0] == s and runs[-1][2] == i:
                 runs[-1][2] = i + 1
             else:
                 runs.append([s, i, i + 1])
-        return tuple(tuple(run) for run in runs)
+        if not rows:
+            return None
+        return Located(tuple(tuple(run) for run in runs),
+                       None if len(rows) == len(roles) else tuple(rows), borrowed)
 
 
 class EntryMaps:
@@ -123,7 +147,7 @@ class EntryMaps:
         self.entry, self.flats = entry, tuple(flats)
 
     def rows(self, layer: str, runs) -> torch.Tensor | None:
-        """(rows, n, C) for the runs of `NativeEntry.locate`: a view when it is one run."""
+        """(rows, n, C) for the runs of a `Located`: a view when it is one run."""
         parts = []
         for s, start, stop in runs:
             seg = self.entry.segments[s]
@@ -133,78 +157,6 @@ class EntryMaps:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-class HostMemory:
-    """Every host buffer of one record: exactly the size asked for (no power-of-two rounding,
-    unlike PyTorch's caching host allocator; page-locked buffers are whole pages of their own,
-    < 4 KiB more), page-locked when it feeds a CUDA device (`pin`), counted, and all given
-    back by `release()`. `request` allocates on a worker thread (page-locking costs time in
-    proportion to the size) while the UNet runs. Page-locking that fails leaves the buffer
-    pageable and sets `pin_failed` (noted in the infotext); nothing here raises for it.
-    `runtime`: the CUDA runtime bindings (`fam.transfer.cuda_runtime()` when first needed)."""
-
-    def __init__(self, pin: bool = False, device: torch.device | None = None, runtime: Any = None):
-        self.pin, self.device, self.runtime = pin, device, runtime
-        self.allocated_bytes = self.peak_bytes = self.buffers = 0
-        self.pin_failed = False
-        self._live: list[tuple[torch.Tensor, Pages | None]] = []
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-
-    def allocate(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        pages = None
-        if self.pin and numel:
-            if self.runtime is None:
-                self.runtime = cuda_runtime()
-            t, pages = page_locked(numel, dtype, self.runtime)
-        else:
-            t = torch.empty(numel, dtype=dtype)
-        with self._lock:
-            self.pin_failed |= self.pin and numel > 0 and pages is None
-            self._live.append((t, pages))
-            self.allocated_bytes += t.nbytes
-            self.peak_bytes = max(self.peak_bytes, self.allocated_bytes)
-            self.buffers += 1
-        return t
-
-    def request(self, numel: int, dtype: torch.dtype) -> Future:
-        """`allocate` on the worker thread, where a failed cudaHostRegister also leaves its
-        error state (per thread), away from the thread that launches kernels."""
-        if self._pool is None:
-            init = (lambda: _use_device(self.device)) if self.pin else None
-            self._pool = ThreadPoolExecutor(1, "fam-record", initializer=init)
-        return self._pool.submit(self.allocate, numel, dtype)
-
-    def release(self) -> None:
-        """Free everything (after the copies that use it are complete: the caller syncs).
-        With a worker, it runs there after every allocation still queued, so a buffer that
-        arrives late is freed too, and a failed unregistration leaves its error state there.
-        The pages are unmapped as soon as no tensor views them any more."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.submit(self._free)
-            pool.shutdown(wait=True)
-        self._free()   # nothing left when the worker did it
-
-    def _free(self) -> None:
-        with self._lock:
-            live, self._live = self._live, []
-            self.allocated_bytes = self.buffers = 0
-        for _, pages in live:
-            if pages is not None:
-                pages.unlock()
-
-
-def _use_device(device: torch.device | None) -> None:
-    """The worker's current device: the record's (registration is portable, so any context
-    would do; a device that cannot be set leaves the default one)."""
-    try:
-        torch.cuda.set_device(device)
-    except Exception:
-        pass
-
-
-def _log_sigma(sigma: float) -> float:
-    return math.log(max(float(sigma), 1e-12))
 
 
 class NativeRecord:
@@ -279,6 +231,8 @@ class NativeRecord:
         self.device = device
         self.offload = self.offload_wanted and device.type in self.offload_devices
         self.streams = Streams(device)
+        if self.offload:   # the free RAM now bounds what the record may page-lock
+            self.memory.pin_limit = pin_limit()
         if self.offload and device.type == "cuda":
             self.memory.pin, self.memory.device = True, device
 

@@ -1,28 +1,37 @@
-"""Moving the offloaded native record between host and device off the critical path.
+"""Host/device movement of the native record: host buffers and the copies between them.
 
-Copies run on one side stream, ordered against the compute stream by events only (no host
-synchronisation): the side stream waits for the event after the last write or use of what it
-overwrites, and the compute stream waits for the event after the copy it reads. Tensors used on
-the side stream are marked with `record_stream`, so the caching allocator never hands their
-memory out while a copy is still running. On a device without streams (CPU) every copy happens
-at once and events are None, so the same code runs, in the same order, in the CPU tests.
-Host buffers are page-locked with cudaHostRegister on pages of their own (`page_locked`), so
-those copies are asynchronous; any failure leaves a pageable buffer, never an exception."""
+`HostMemory` allocates the record's host buffers exactly, page-locked when they feed a CUDA
+device (`page_locked`: cudaHostRegister on pages of their own) and gives every byte back;
+`Streams` copies on a side stream ordered by events only (no host synchronisation), and
+`Prefetcher` brings the next σ-entry to the device while the current step computes. On a
+device without streams (CPU) every copy happens at once, so the CPU tests run the same code
+in the same order. Page-locked memory cannot be swapped: what one record locks is kept under
+a share of the RAM free when it starts (`pin_limit`); past it, and on any failure to
+page-lock, a buffer stays pageable (its copies are synchronous), never an exception."""
 
 from __future__ import annotations
 
 import mmap
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+import os
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 
-if TYPE_CHECKING:
-    from .record import NativeEntry
-
-__all__ = ["Streams", "Prefetcher", "Pages", "page_locked", "cuda_runtime"]
+__all__ = ["Streams", "Prefetcher", "HostMemory", "Pages", "page_locked", "cuda_runtime",
+           "available_ram", "pin_limit", "PIN_SHARE"]
 
 _ALIGN = 256   # bytes: every segment in a slot starts aligned for any dtype view
 _PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context
+PIN_SHARE = 0.5   # what one record may page-lock: this share of the RAM free at its start
+
+
+class Entry(Protocol):
+    """What the prefetcher reads of a record entry (`fam.record.NativeEntry`): its segments,
+    each with `nbytes`, `dtype` and its host buffer `host`."""
+    segments: Sequence[Any]
 
 
 class Streams:
@@ -72,7 +81,7 @@ class Streams:
 class _Slot:
     def __init__(self):
         self.buffer: torch.Tensor | None = None
-        self.entry: NativeEntry | None = None
+        self.entry: Entry | None = None
         self.flats: tuple[torch.Tensor, ...] = ()
         self.ready: Any = None     # side stream: the entry's copy is complete
         self.free: Any = None      # compute stream: the last read of the previous entry
@@ -84,7 +93,7 @@ class Prefetcher:
     into the other while the current step computes. Any other order (a restart sampler, a
     partial-strength start) loads the entry on demand, still stream-ordered and exact."""
 
-    def __init__(self, entries: Sequence[NativeEntry], upcoming: Callable[[NativeEntry], NativeEntry | None],
+    def __init__(self, entries: Sequence[Entry], upcoming: Callable[[Entry], Entry | None],
                  streams: Streams, device: torch.device):
         self.upcoming, self.streams, self.device = upcoming, streams, device
         self.size = max((sum(_aligned(s.nbytes) for s in e.segments) for e in entries), default=0)
@@ -92,7 +101,7 @@ class Prefetcher:
         self._cur = 0
         self.prefetched = self.loaded = 0   # entries used after a prefetch / loaded on demand
 
-    def flats(self, entry: NativeEntry) -> tuple[torch.Tensor, ...]:
+    def flats(self, entry: Entry) -> tuple[torch.Tensor, ...]:
         """The entry's segments on the device (one flat buffer each), for this call."""
         cur, other = self._slots[self._cur], self._slots[1 - self._cur]
         if cur.entry is entry:
@@ -110,7 +119,7 @@ class Prefetcher:
             self._load(cur, upcoming)
         return other.flats
 
-    def _load(self, slot: _Slot, entry: NativeEntry) -> None:
+    def _load(self, slot: _Slot, entry: Entry) -> None:
         if slot.buffer is None:
             slot.buffer = torch.empty(self.size, dtype=torch.uint8, device=self.device)
         flats, pairs, at = [], [], 0
@@ -178,3 +187,150 @@ def page_locked(numel: int, dtype: torch.dtype, runtime: Any) -> tuple[torch.Ten
         return t, None
     pages.runtime, pages.address = runtime, t.data_ptr()
     return t, pages
+
+
+_CGROUP_FILES = (("memory.max", "memory.current"),                        # cgroup v2
+                 ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"))   # v1
+
+
+def available_ram(cgroup: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes of RAM the OS can hand out now without swapping (Linux: MemAvailable, and no more
+    than the container's memory limit leaves; Windows: the available physical memory;
+    elsewhere the free pages), None where it does not say."""
+    if sys.platform.startswith("linux"):
+        ram = None
+        try:
+            with open("/proc/meminfo") as f:
+                ram = next((int(line.split()[1]) * 1024 for line in f
+                            if line.startswith("MemAvailable:")), None)
+        except (OSError, ValueError, IndexError):
+            pass
+        room = _cgroup_room(cgroup)
+        return room if ram is None else ram if room is None else min(ram, room)
+    if sys.platform == "win32":
+        import ctypes
+
+        class MemoryStatus(ctypes.Structure):
+            _fields_ = [("length", ctypes.c_ulong), ("load", ctypes.c_ulong),
+                        ("total", ctypes.c_ulonglong), ("available", ctypes.c_ulonglong),
+                        ("total_page", ctypes.c_ulonglong), ("available_page", ctypes.c_ulonglong),
+                        ("total_virtual", ctypes.c_ulonglong),
+                        ("available_virtual", ctypes.c_ulonglong),
+                        ("available_extended", ctypes.c_ulonglong)]
+
+        status = MemoryStatus(length=ctypes.sizeof(MemoryStatus))
+        if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+            return int(status.available)
+        return None
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _cgroup_room(root: str) -> int | None:
+    """What a container's memory limit leaves (limit − usage), None without a limit."""
+    for limit_file, usage_file in _CGROUP_FILES:
+        try:
+            with open(os.path.join(root, limit_file)) as f:
+                limit = f.read().strip()
+            with open(os.path.join(root, usage_file)) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 1 << 60:   # v1 writes "no limit" as a huge number
+            return None
+        return max(int(limit) - usage, 0)
+    return None
+
+
+def pin_limit() -> int | None:
+    """Bytes one record may page-lock: `PIN_SHARE` of the RAM available now (None: unknown)."""
+    ram = available_ram()
+    return None if ram is None else int(PIN_SHARE * ram)
+
+
+class HostMemory:
+    """Every host buffer of one record: exactly the size asked for (no power-of-two rounding,
+    unlike PyTorch's caching host allocator; page-locked buffers are whole pages of their own,
+    < 4 KiB more), page-locked when it feeds a CUDA device (`pin`) and while the page-locked
+    total stays within `pin_limit`, counted, and all given back by `release()`. `request`
+    allocates on a worker thread (page-locking costs time in proportion to the size) while
+    the UNet runs. A buffer left pageable by the limit counts in `unpinned_bytes`; one whose
+    page-locking failed sets `pin_failed` (both noted in the infotext); nothing here raises
+    for either. `runtime`: the CUDA runtime bindings (`cuda_runtime()` when first needed)."""
+
+    def __init__(self, pin: bool = False, device: torch.device | None = None, runtime: Any = None,
+                 pin_limit: int | None = None):
+        self.pin, self.device, self.runtime = pin, device, runtime
+        self.pin_limit = pin_limit
+        self.allocated_bytes = self.peak_bytes = self.buffers = 0
+        self.pinned_bytes = self.unpinned_bytes = 0
+        self.pin_failed = False
+        self._live: list[tuple[torch.Tensor, Pages | None]] = []
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _may_pin(self, nbytes: int) -> bool:
+        """Count `nbytes` as page-locked if the limit allows it."""
+        with self._lock:
+            if self.pin_limit is not None and self.pinned_bytes + nbytes > self.pin_limit:
+                self.unpinned_bytes += nbytes
+                return False
+            self.pinned_bytes += nbytes
+            return True
+
+    def allocate(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        pages = None
+        pin = self.pin and numel > 0 and self._may_pin(numel * dtype.itemsize)
+        if pin:
+            if self.runtime is None:
+                self.runtime = cuda_runtime()
+            t, pages = page_locked(numel, dtype, self.runtime)
+        else:
+            t = torch.empty(numel, dtype=dtype)
+        with self._lock:
+            if pin and pages is None:
+                self.pin_failed = True
+                self.pinned_bytes -= t.nbytes
+            self._live.append((t, pages))
+            self.allocated_bytes += t.nbytes
+            self.peak_bytes = max(self.peak_bytes, self.allocated_bytes)
+            self.buffers += 1
+        return t
+
+    def request(self, numel: int, dtype: torch.dtype) -> Future:
+        """`allocate` on the worker thread, where a failed cudaHostRegister also leaves its
+        error state (per thread), away from the thread that launches kernels."""
+        if self._pool is None:
+            init = (lambda: _use_device(self.device)) if self.pin else None
+            self._pool = ThreadPoolExecutor(1, "fam-record", initializer=init)
+        return self._pool.submit(self.allocate, numel, dtype)
+
+    def release(self) -> None:
+        """Free everything (after the copies that use it are complete: the caller syncs).
+        With a worker, it runs there after every allocation still queued, so a buffer that
+        arrives late is freed too, and a failed unregistration leaves its error state there.
+        The pages are unmapped as soon as no tensor views them any more."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.submit(self._free)
+            pool.shutdown(wait=True)
+        self._free()   # nothing left when the worker did it
+
+    def _free(self) -> None:
+        with self._lock:
+            live, self._live = self._live, []
+            self.allocated_bytes = self.buffers = self.pinned_bytes = 0
+        for _, pages in live:
+            if pages is not None:
+                pages.unlock()
+
+
+def _use_device(device: torch.device | None) -> None:
+    """The worker's current device: the record's (registration is portable, so any context
+    would do; a device that cannot be set leaves the default one)."""
+    try:
+        torch.cuda.set_device(device)
+    except Exception:
+        pass

@@ -13,8 +13,8 @@ import os
 import sys
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # the WebUI puts an extension root on sys.path only while loading
-    sys.path.insert(0, _ROOT)
+if _ROOT not in sys.path:  # the WebUIs put an extension root first only while loading it;
+    sys.path.append(_ROOT)  # last, so its top-level names never shadow the WebUI's or others'
 
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
@@ -28,7 +28,8 @@ from modules.ui_components import InputAccordion  # noqa: E402
 from fam.hosts import a1111, forge  # noqa: E402
 from fam.hosts.webui import GEN_ATTR, SampleWrapper, begin_pass, check_request  # noqa: E402
 from fam.hosts.webui_args import (FamRequestError, apply_xyz_overrides, decode_args,  # noqa: E402
-                                  fields, infotext_value, with_xyz_override)
+                                  fields, infotext_value, screen_pasted_infotext,
+                                  with_xyz_override)
 from fam.params import FamParams  # noqa: E402
 
 TITLE = "FAM Diffusion"
@@ -52,25 +53,31 @@ class FamScript(scripts.Script):
 
     def ui(self, is_img2img):
         """Controls in FamParams field order (= the positional args), labels and tooltips from
-        the field metadata. No side effects: the API calls this again to read defaults."""
-        spec = {f.name: f for f in fields()}
+        the field metadata; the fields marked advanced in a collapsed group of their own. No
+        side effects: the API calls this again to read defaults."""
+        first, *rest = fields()
+        tuned = [f for f in rest if not f.metadata["advanced"]]
+        advanced = [f for f in rest if f.metadata["advanced"]]
+        controls = {}
         with InputAccordion(False, label=TITLE, elem_id=self.elem_id("enabled")) as enabled:
             gr.HTML(HINT_IMG2IMG if is_img2img else HINT_TXT2IMG, elem_id=self.elem_id("hint"),
                     elem_classes=["fam-hint"])
-            controls = {}
-            with gr.Row():
-                for name in ("fm_enabled", "am_enabled", "full_renoise", "record_offload"):
-                    controls[name] = self._control(spec[name])
-            with gr.Row():
-                for name in ("fm_cutoff", "am_lambda"):
-                    controls[name] = self._control(spec[name])
-            with gr.Row():
-                for name in ("am_blocks", "record_budget_mb"):
-                    controls[name] = self._control(spec[name])
-        enabled.accordion.webui_tooltip = spec["enabled"].metadata["doc"]  # shown by hints.js
-        ordered = [enabled] + [controls[n] for n in FamParams.names()[1:]]
+            self._rows(tuned, controls)
+            with gr.Accordion("Advanced", open=False, elem_id=self.elem_id("advanced")):
+                self._rows(advanced, controls)
+        enabled.accordion.webui_tooltip = first.metadata["doc"]  # shown by hints.js
+        ordered = [enabled] + [controls[f.name] for f in rest]
         self.infotext_fields = [PasteField(c, _paste(n)) for c, n in zip(ordered, FamParams.names())]
         return ordered
+
+    def _rows(self, group, controls):
+        """The switches of a group in one row, its values (sliders, text) in the next."""
+        for row in ([f for f in group if f.type in ("bool", bool)],
+                    [f for f in group if f.type not in ("bool", bool)]):
+            if row:
+                with gr.Row():
+                    for f in row:
+                        controls[f.name] = self._control(f)
 
     def _control(self, f):
         m = f.metadata
@@ -184,3 +191,4 @@ def add_xyz_axes():
 
 add_xyz_axes()  # --nowebui builds the script UIs before any on_before_ui callback runs
 script_callbacks.on_before_ui(add_xyz_axes)
+script_callbacks.on_infotext_pasted(screen_pasted_infotext)

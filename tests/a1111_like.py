@@ -1,8 +1,8 @@
 """Stand-ins for AUTOMATIC1111 1.10, small enough for CI.
 
-Torch level: the CFG denoiser and its inner model (A1111's batch layout: per image its cond
-rows, then the uncond rows; optionally split into several UNet calls or without the uncond
-rows), Euler / DDIM loops and a predictor-corrector loop shaped like A1111's UniPC.
+Torch level: the UNet, CFG denoiser and Euler of benchmarks/ldm.py (A1111's batch layout:
+per image its cond rows, then the uncond rows; optionally split into several UNet calls or
+without the uncond rows), with DDIM and a predictor-corrector loop shaped like A1111's UniPC.
 
 WebUI level (`MiniWebUI`): the few `modules.*` names `scripts/fam_diffusion.py` imports, with
 processing objects whose `sample` calls the script hooks in A1111's order (`process`, per
@@ -13,6 +13,7 @@ a VAE stand-in that samples its posterior with the global RNG."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import types
@@ -22,84 +23,47 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from fam.schedule import VPSchedule
+from benchmarks.ldm import CFG, SD_BETAS as BETAS, SD_SCHEDULE as SCHEDULE, euler  # noqa: F401
+from fam.params import FamParams
 
 ROOT = Path(__file__).resolve().parents[1]
-BETAS = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
 ALPHAS_CUMPROD = torch.cumprod(1 - BETAS, 0)
-SCHEDULE = VPSchedule(ALPHAS_CUMPROD)
 TIMESTEPS = [1, 251, 501, 751, 999]
 
 
 # ---- torch level --------------------------------------------------------------------------
-class Denoiser(nn.Module):
-    """k-diffusion form (CompVisDenoiser): σ in, x0 out; or timestep form (vp): t in, ε out.
-    `seen` keeps (latent hw, cond) of every call when `keep` is set."""
+@contextlib.contextmanager
+def host_reads():
+    """Counts the tensor values read on the host while it is open (on a GPU each is a
+    device→host synchronisation): `with host_reads() as n: ...; n[0]`."""
+    count = [0]
+    names = ("__float__", "__int__", "__index__", "__bool__", "item", "tolist")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
 
-    def __init__(self, unet, vp=False):
-        super().__init__()
-        self.unet, self.vp = unet, vp
-        self.keep, self.seen = False, []
+    def counted(read):
+        def wrapper(self, *args, **kwargs):
+            count[0] += 1
+            return read(self, *args, **kwargs)
+        return wrapper
 
-    def forward(self, x, sigma, cond):
-        if self.keep:
-            self.seen.append((tuple(x.shape[-2:]), cond))
-        context = cond["c_crossattn"][0]
-        if self.vp:
-            return self.unet(x, context)
-        c_in = (sigma ** 2 + 1) ** -0.5
-        return x - sigma[:, None, None, None] * self.unet(x * c_in[:, None, None, None], context)
+    for name, read in originals.items():
+        setattr(torch.Tensor, name, counted(read))
+    try:
+        yield count
+    finally:
+        for name, read in originals.items():
+            setattr(torch.Tensor, name, read)
 
 
-class CFG(nn.Module):
-    """Builds A1111's CFG batch and calls the inner model whole, in chunks of `split` rows,
-    or without the uncond rows. `vector` (SDXL's size conditioning) rides along in the cond
-    dict when given; `refiner_at` swaps the inner model for another UNet's before that call,
-    as A1111's refiner switch does; `keep` makes the inner model keep what it saw."""
-
-    def __init__(self, unet, vp=False, split=None, skip_uncond=False, vector=None,
-                 refiner_at=None, refiner=None, keep=False):
-        super().__init__()
-        self.model_wrap = Denoiser(unet, vp)
-        self.model_wrap.keep = keep
-        self.split, self.skip_uncond, self.vector = split, skip_uncond, vector
-        self.refiner_at, self.refiner = refiner_at, refiner
-        self.calls, self.rows_seen = 0, []
-
-    @property
-    def inner_model(self):
-        return self.model_wrap
-
-    def _cond(self, c, a, b):
-        cond = {"c_crossattn": [c[a:b]]}
-        if self.vector is not None:
-            cond["vector"] = self.vector.expand(c.shape[0], -1)[a:b]
-        return cond
-
-    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None):
-        if self.calls == self.refiner_at:
-            self.model_wrap = Denoiser(self.refiner, self.model_wrap.vp)
-        self.calls += 1
-        parts = cond.batch
-        B = len(parts)
-        x_in = torch.cat([x[i:i + 1].expand(len(p), -1, -1, -1) for i, p in enumerate(parts)] + [x])
-        s_in = torch.cat([sigma[i:i + 1].expand(len(p)) for i, p in enumerate(parts)] + [sigma])
-        c_in = torch.cat([torch.stack(p) for p in parts] + [uncond])
-        n = x_in.shape[0] - (B if self.skip_uncond else 0)
-        step = self.split or n
-        out = torch.cat([self.inner_model(x_in[a:min(a + step, n)], s_in[a:min(a + step, n)],
-                                          cond=self._cond(c_in, a, min(a + step, n)))
-                         for a in range(0, n, step)])
-        self.rows_seen.append(out.shape[0])
-        uncond_out = out[-B:] if not self.skip_uncond else out[:B]
-        den, at = [], 0
-        for i, p in enumerate(parts):
-            cond_out = out[at:at + len(p)].mean(0)
-            den.append(uncond_out[i] + cond_scale * (cond_out - uncond_out[i]))
-            at += len(p)
-        return torch.stack(den)
+def extra_host_reads(generate, model, **kw):
+    """Host reads a FAM generation makes beyond the same generation without FAM, and the FAM
+    generation's result: `generate(model, params=…, **kw)`."""
+    with host_reads() as fam:
+        result = generate(model, **kw)
+    with host_reads() as plain:
+        generate(model, FamParams(), **kw)
+    return fam[0] - plain[0], result
 
 
 def conds(batch=1, parts=1, seed=0, dim=8):
@@ -111,16 +75,6 @@ def conds(batch=1, parts=1, seed=0, dim=8):
 
 def sigmas(steps=4):
     return torch.tensor([14.6, 4.0, 1.2, 0.3][:steps] + [0.0], dtype=torch.float32)
-
-
-def euler(cfg, x, sig, cond, uncond, scale=5.0, callback=None):
-    for i in range(len(sig) - 1):
-        s = sig[i] * x.new_ones(x.shape[0])
-        den = cfg(x, s, uncond=uncond, cond=cond, cond_scale=scale)
-        if callback is not None:
-            callback({"x": x, "i": i, "denoised": den})
-        x = x + (x - den) / sig[i] * (sig[i + 1] - sig[i])
-    return x
 
 
 def ddim(cfg, x, ts, cond, uncond, scale=5.0, callback=None):
@@ -140,7 +94,7 @@ def unipc(cfg, x, ts, cond, uncond, scale=5.0, callback=None, fm=None):
     """Shaped like A1111's UniPC (data prediction, VP): the model is called at the predictor's
     latent; the corrector then rebuilds that latent from the previous one and the model
     outputs (not from the latent the model saw), hands it to `callback` and the next step
-    starts from it; the last step has no corrector. `fm(x, t)`, when given, is the spec's
+    starts from it; the last step has no corrector. `fm(x, t)`, when given, is the method's
     FM written into this loop by hand: on the model's input and on the corrected latent."""
     ac = ALPHAS_CUMPROD.float()
     alpha, sigma = (lambda t: ac[t].sqrt()), (lambda t: (1 - ac[t]).sqrt())
@@ -187,6 +141,7 @@ class MiniWebUI:
         self.state = SimpleNamespace(interrupted=False)
         self.opts = SimpleNamespace(sd_vae_encode_method="Full")
         self.logged: list[str] = []          # what A1111 would print as "*** Error running …"
+        self.infotext_pasted: list = []      # on_infotext_pasted callbacks
         self.encodes = 0
         self.xyz = self._xyz_module()
         self.modules = self._modules()
@@ -220,6 +175,7 @@ class MiniWebUI:
         scripts.Script, scripts.AlwaysVisible = Script, object()
         scripts.scripts_data = [SimpleNamespace(script_class=XyzScript, module=self.xyz)]
         mods["modules.script_callbacks"].on_before_ui = lambda fn: None
+        mods["modules.script_callbacks"].on_infotext_pasted = self.infotext_pasted.append
         mods["modules.shared"].opts = self.opts
         mods["modules.shared"].state = self.state
         mods["modules.images"].resize_image = lambda mode, im, w, h: im.resize((w, h))
@@ -241,7 +197,8 @@ class MiniWebUI:
         gr = mods["gradio"]
         for name in ("HTML", "Checkbox", "Textbox", "Slider"):
             setattr(gr, name, _component(name))
-        gr.Row = _Block
+        for name in ("Row", "Column", "Group", "Accordion"):
+            setattr(gr, name, _layout(name))
         for name in ("images", "processing", "script_callbacks", "scripts", "sd_samplers_common",
                      "sd_samplers_timesteps", "shared", "infotext_utils", "ui_components"):
             setattr(mods["modules"], name, mods[f"modules.{name}"])
@@ -295,17 +252,29 @@ class MiniWebUI:
 
 
 class _Block:
-    def __init__(self, *a, **k):
-        pass
+    """A layout block; the blocks open while a component is made are its `parents`."""
+    open_now: list = []
+
+    def __init__(self, label=None, **kw):
+        self.label = label
+        self.__dict__.update(kw)
 
     def __enter__(self):
+        _Block.open_now.append(self)
         return self
 
     def __exit__(self, *exc):
+        _Block.open_now.pop()
         return False
 
 
+def _layout(kind):
+    return type(kind, (_Block,), {"kind": kind})
+
+
 class _Accordion(_Block):
+    kind = "InputAccordion"
+
     def __init__(self, value, label=None, elem_id=None):
         self.value, self.label, self.elem_id = value, label, elem_id
         self.accordion = SimpleNamespace()
@@ -313,7 +282,7 @@ class _Accordion(_Block):
 
 def _component(kind):
     def make(*args, **kw):
-        return SimpleNamespace(kind=kind, args=args, **kw)
+        return SimpleNamespace(kind=kind, args=args, parents=tuple(_Block.open_now), **kw)
     return make
 
 

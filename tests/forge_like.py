@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import a1111_like
-import ldm_like
+from benchmarks import ldm
 
 
 def _attention(q, k, v, heads):
@@ -33,11 +33,11 @@ def _attention(q, k, v, heads):
     return out.transpose(1, 2).flatten(2)
 
 
-class Block(ldm_like.BasicTransformerBlock):
+class Block(ldm.BasicTransformerBlock):
     """attn1 as Forge runs it: patches see the normalised input, a replacement registered for
     (block name, block number, transformer index) gets q, k, v projected."""
 
-    def forward(self, x, context, transformer_options=None):
+    def self_attention(self, x, transformer_options=None):
         opts = transformer_options or {}
         attn = self.attn1
         extra = {k: v for k, v in opts.items() if k not in ("patches", "patches_replace")}
@@ -51,62 +51,15 @@ class Block(ldm_like.BasicTransformerBlock):
         replace = opts.get("patches_replace", {}).get("attn1", {}).get(key)
         q, k, v = attn.to_q(n), attn.to_k(keys), attn.to_v(values)
         out = replace(q, k, v, extra) if replace is not None else _attention(q, k, v, attn.heads)
-        x = attn.to_out(out) + x
-        return self.attn2(self.norm2(x), context=context) + x
+        return attn.to_out(out)
 
 
-class Spatial(ldm_like.SpatialTransformer):
-    def forward(self, x, context, transformer_options=None):
-        opts = {} if transformer_options is None else transformer_options
-        b, c, h, w = x.shape
-        t = x.flatten(2).transpose(1, 2)
-        for i, blk in enumerate(self.transformer_blocks):
-            opts["block_index"] = i
-            t = blk(t, context, opts)
-        return t.transpose(1, 2).reshape(b, c, h, w) + x
-
-
-class Seq(ldm_like.Seq):
-    def forward(self, x, context, size=None, transformer_options=None):
-        for m in self:
-            if isinstance(m, ldm_like.Upsample):
-                x = m(x, context, size)
-            elif isinstance(m, Spatial):
-                x = m(x, context, transformer_options)
-            else:
-                x = m(x, context)
-        return x
-
-
-class UNet(ldm_like.LdmUNet):
-    """Sets `block` (("input", i), ("middle", 0), ("output", i)) in the transformer options
-    before each block, as Forge's UNet does."""
-
-    def forward(self, x, context, transformer_options=None):
-        opts = {} if transformer_options is None else transformer_options
-        opts["original_shape"] = list(x.shape)
-        hs = []
-        for i, blk in enumerate(self.input_blocks):
-            opts["block"] = ("input", i)
-            x = blk(x, context, transformer_options=opts)
-            hs.append(x)
-        opts["block"] = ("middle", 0)
-        x = self.middle_block(x, context, transformer_options=opts)
-        for i, blk in enumerate(self.output_blocks):
-            opts["block"] = ("output", i)
-            x = torch.cat([x, hs.pop()], 1)
-            x = blk(x, context, hs[-1].shape[-2:] if hs else None, transformer_options=opts)
-        return self.out(x)
-
-
-_SWAP = {ldm_like.LdmUNet: UNet, ldm_like.Seq: Seq, ldm_like.SpatialTransformer: Spatial,
-         ldm_like.BasicTransformerBlock: Block}
-
-
-def forge_unet(unet: ldm_like.LdmUNet) -> UNet:
-    """The same modules and weights, with Forge's way of calling attn1."""
+def forge_unet(unet: ldm.LdmUNet) -> ldm.LdmUNet:
+    """The same modules and weights, with Forge's way of calling attn1 (the UNet itself
+    carries `transformer_options` and sets Forge's `block` keys)."""
     for m in unet.modules():
-        m.__class__ = _SWAP.get(type(m), type(m))
+        if type(m) is ldm.BasicTransformerBlock:
+            m.__class__ = Block
     return unet
 
 
@@ -119,9 +72,11 @@ class KModel(nn.Module):
         self.predictor = SimpleNamespace(sigmas=sigmas)
 
     def apply_model(self, x, t, c_crossattn=None, c_concat=None, control=None,
-                    transformer_options=None, **kwargs):
+                    transformer_options=None, y=None, **kwargs):
         sigma = t[:, None, None, None]
-        eps = self.diffusion_model(x * (sigma ** 2 + 1) ** -0.5, c_crossattn, transformer_options)
+        timestep = ldm.sigma_to_t(t, self.predictor.sigmas.log())
+        eps = self.diffusion_model(x * (sigma ** 2 + 1) ** -0.5, timestep, c_crossattn, y,
+                                   transformer_options=transformer_options)
         return x - sigma * eps
 
 

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fam.hosts.a1111 import (Attn1Hook, FamGeneration, RowCursor, cfg_roles, cond_repeats,
-                             native_cond, with_native_size)
+from fam.hosts.a1111 import (A1111Generation, Attn1Hook, RowCursor, a1111_roles, cond_repeats,
+                             native_cond)
+from fam.hosts.sdxl import with_native_size
 from fam.hosts.webui import reference_size
 from fam.hosts.webui_args import FamRequestError
 from fam.frequency import frequency_modulate
@@ -20,7 +21,8 @@ from fam.params import FamParams
 from fam.record import Role
 from fam.schedule import noised_reference
 import a1111_like
-from a1111_like import BETAS, CFG, SCHEDULE, TIMESTEPS, conds, ddim, euler, sd_model, sigmas
+from a1111_like import (BETAS, CFG, SCHEDULE, TIMESTEPS, conds, ddim, euler, extra_host_reads,
+                        sd_model, sigmas)
 from ldm_like import sd1_like, sdxl_like
 
 ON = FamParams(enabled=True)
@@ -53,11 +55,11 @@ def generate(unet, params=ON, batch=1, parts=1, split=None, skip_uncond=False, v
     noise_h = torch.randn(batch, 4, *HIRES, generator=g).to(device, dtype)
     gen, p = None, SimpleNamespace(sd_model=sd_model(unet))
     if params.enabled:
-        gen = FamGeneration(params, discover(unet), SCHEDULE, "tiny")
+        gen = A1111Generation(params, discover(unet), SCHEDULE, "tiny")
         gen.install()
     try:
         with torch.no_grad():
-            cfg = CFG(unet, vp, split, skip_uncond, **(native_kw or {}))
+            cfg = CFG(unet, vp, split, **{"skip_uncond": skip_uncond, **(native_kw or {})})
             if gen and not reference:
                 gen.record_native(p, sampler_of(cfg), vp)
             if vp:
@@ -68,7 +70,7 @@ def generate(unet, params=ON, batch=1, parts=1, split=None, skip_uncond=False, v
                 between()
             p.sd_model = sd_model(hires_unet, conditioner=conditioner)
             z0 = F.interpolate(native.float(), size=HIRES, mode="bicubic").to(dtype)
-            cfg = CFG(hires_unet, hires_vp, split, skip_uncond, **(hires_kw or {}))
+            cfg = CFG(hires_unet, hires_vp, split, **{"skip_uncond": skip_uncond, **(hires_kw or {})})
             if gen:
                 gen.guide_hires(p, sampler_of(cfg), z0, noise_h, hires_vp,
                                 reference=native if reference else None)
@@ -89,8 +91,8 @@ def forwards(unet):
 
 
 # ---- row roles ------------------------------------------------------------------------
-def test_cfg_roles_follow_the_webui_layout():
-    assert cfg_roles([2, 1]) == [Role(0, False, 0), Role(0, False, 1), Role(1, False, 0),
+def test_a1111_roles_follow_the_webui_layout():
+    assert a1111_roles([2, 1]) == [Role(0, False, 0), Role(0, False, 1), Role(1, False, 0),
                                  Role(0, True), Role(1, True)]
 
 
@@ -101,7 +103,7 @@ def test_cond_repeats_counts_and_parts_per_image():
 
 def test_row_cursor_hands_split_calls_their_roles():
     c = RowCursor()
-    c.reset(cfg_roles([2, 1]))
+    c.reset(a1111_roles([2, 1]))
     assert c.take(2) == [Role(0, False, 0), Role(0, False, 1)]
     assert c.take(1) == [Role(1, False, 0)]
     assert c.take(2) == [Role(0, True), Role(1, True)]
@@ -115,12 +117,12 @@ def test_hook_dispatches_other_calls_to_the_class_forward_and_restores():
     x = torch.randn(2, 16, layer.module.to_q.in_features)
     context = torch.randn(2, 3, x.shape[-1])
     ref, ref_ctx = layer.module(x), layer.module(x, context=context)
-    gen = SimpleNamespace(in_unet_call=False, run=None)
-    hook = Attn1Hook(gen, layer)
+    hooks = SimpleNamespace(in_unet_call=False, run=None)
+    hook = Attn1Hook(hooks, layer)
     hook.install()
     assert layer.module.forward is hook
     assert torch.equal(layer.module(x), ref)
-    gen.in_unet_call = True       # inside a FAM UNet call, cross-attention still passes
+    hooks.in_unet_call = True       # inside a FAM UNet call, cross-attention still passes
     assert torch.equal(layer.module(x, context=context), ref_ctx)
     hook.remove()
     assert "forward" not in layer.module.__dict__
@@ -174,11 +176,11 @@ def test_hook_keeps_an_earlier_instance_wrapper_and_survives_one_put_on_top():
 
 def test_double_install_is_refused():
     unet = sd1_like()
-    gen = FamGeneration(ON, discover(unet), SCHEDULE)
+    gen = A1111Generation(ON, discover(unet), SCHEDULE)
     gen.install()
     try:
         with pytest.raises(RuntimeError, match="already installed"):
-            FamGeneration(ON, discover(unet), SCHEDULE).install()
+            A1111Generation(ON, discover(unet), SCHEDULE).install()
     finally:
         gen.remove()
     assert all(v is None for v in forwards(unet).values())
@@ -259,12 +261,24 @@ def test_timestep_samplers_in_vp_form(device):
     r = generate(unet, vp=True, device=device)
     assert torch.isfinite(r.out).all() and r.gen.run.fm_calls == 5 and not r.gen.run.am_skipped
     assert r.gen.run.am_calls == 5 * len(r.gen.layers)
-    assert r.gen.sigma_of(torch.tensor([501.0]), vp=True) == pytest.approx(SCHEDULE.t_to_sigma(501))
+    # the pass ran a timestep sampler: its CFG calls pass t
+    assert r.gen.sigma_of(torch.tensor([501.0])) == pytest.approx(SCHEDULE.t_to_sigma(501))
+
+
+@pytest.mark.parametrize("vp", [False, True], ids=["sigma", "timesteps"])
+def test_sigma_is_read_once_per_cfg_call_however_the_batch_is_split(vp):
+    """On a GPU every host read of σ waits for the device: one per CFG call (in the CFG
+    denoiser), none per inner UNet call."""
+    unet = sd1_like()
+    (whole, r), (split, s) = (extra_host_reads(generate, unet, batch=2, split=n, vp=vp)
+                              for n in (None, 1))
+    assert r.run.am_calls > 0 and not r.run.am_skipped and not s.run.am_skipped
+    assert whole == split == len(r.cfg.rows_seen) * 2   # both passes
 
 
 def test_sigma_matching_uses_the_nearest_native_step():
     unet = sd1_like()
-    gen = FamGeneration(ON, discover(unet), SCHEDULE)
+    gen = A1111Generation(ON, discover(unet), SCHEDULE)
     cond, uncond = conds()
     gen.install()
     try:
@@ -281,7 +295,7 @@ def test_sigma_matching_uses_the_nearest_native_step():
 
 def test_failed_setup_makes_the_sampler_raise_and_comes_off():
     unet = sd1_like()
-    gen = FamGeneration(ON, discover(unet), SCHEDULE)
+    gen = A1111Generation(ON, discover(unet), SCHEDULE)
     cfg = CFG(unet)
     error = FamRequestError("FAM: broken")
     gen.fail(sampler_of(cfg), error)
@@ -295,7 +309,7 @@ def test_failed_setup_makes_the_sampler_raise_and_comes_off():
 def test_hooks_come_off_when_the_pass_raises():
     unet = sd1_like()
     before = forwards(unet)
-    gen = FamGeneration(ON, discover(unet), SCHEDULE)
+    gen = A1111Generation(ON, discover(unet), SCHEDULE)
     gen.install()
     cfg = CFG(unet)
     gen.record_native(SimpleNamespace(), sampler_of(cfg), vp=False)
@@ -310,14 +324,14 @@ def test_hooks_come_off_when_the_pass_raises():
 
 
 def test_hires_model_of_another_architecture_is_refused_by_name():
-    gen = FamGeneration(ON, discover(sd1_like()), SCHEDULE)
+    gen = A1111Generation(ON, discover(sd1_like()), SCHEDULE)
     with pytest.raises(FamRequestError, match="xl.safetensors.*different architecture"):
         gen.move_to(discover(sdxl_like()), "xl.safetensors")
 
 
 def test_hires_model_of_the_same_architecture_takes_the_hooks():
     a, b = sd1_like(0), sd1_like(1)
-    gen = FamGeneration(ON, discover(a), SCHEDULE)
+    gen = A1111Generation(ON, discover(a), SCHEDULE)
     gen.install()
     gen.move_to(discover(b), "b")
     assert all(isinstance(l.module.__dict__.get("forward"), Attn1Hook) for l in gen.layers)
@@ -345,7 +359,7 @@ def test_reference_size_keeps_aspect_at_native_area(size, native, expect):
 
 def test_a_unet_that_never_calls_its_attn1_layers_is_noted():
     hooked, other = sd1_like(0), sd1_like(1)      # e.g. a TensorRT engine runs instead
-    gen = FamGeneration(ON, discover(hooked), SCHEDULE)
+    gen = A1111Generation(ON, discover(hooked), SCHEDULE)
     gen.install()
     cond, uncond = conds()
     try:
@@ -363,7 +377,7 @@ def test_a_unet_that_never_calls_its_attn1_layers_is_noted():
         gen.remove()
 
 
-# ---- λ = 0 and AM off cost nothing (issue 7, defect 4) --------------------------------------
+# ---- λ = 0 and AM off cost nothing ------------------------------------------------------------
 @pytest.mark.parametrize("path", ["record", "recompute", "reference"])
 @pytest.mark.parametrize("off", [dict(am_lambda=0.0), dict(am_enabled=False)], ids=["lambda0", "am_off"])
 def test_am_that_cannot_change_anything_costs_nothing(path, off):
@@ -463,15 +477,32 @@ def test_reference_path_conditions_native_calls_on_the_native_size():
     c = Conditioner()
     hires_vector = c.vector(HIRES[0] * 8, HIRES[1] * 8)
     r = generate(sdxl_like(), reference=True, conditioner=c,
-                 hires_kw=dict(vector=hires_vector, keep=True))
-    calls = [(hw, cond["vector"]) for hw, cond in r.cfg.model_wrap.seen]
+                 hires_kw=dict(vector=hires_vector, log=[]))
+    calls = [(hw, cond["vector"]) for hw, cond in r.cfg.model_wrap.log]
     native = [v for hw, v in calls if hw == NATIVE]
     assert len(native) == 4 and r.run.am_calls > 0
     assert all(torch.equal(v, c.vector(NATIVE[0] * 8, NATIVE[1] * 8).expand_as(v)) for v in native)
     assert all(torch.equal(v, hires_vector.expand_as(v)) for hw, v in calls if hw == HIRES)
 
 
-# ---- hooks of other extensions on native replays (probable defect: ControlNet) -------------
+# ---- row roles the first pass never ran ---------------------------------------------------
+@pytest.mark.parametrize("budget", [8192, 0], ids=["record", "recompute"])
+@pytest.mark.parametrize("skipped", [True, {2, 3}], ids=["every step", "late steps (NGMS)"])
+def test_uncond_rows_the_first_pass_skipped_take_the_cond_map(skipped, budget):
+    """A1111 drops the uncond rows of some first-pass steps (NGMS, skip early CFG): hires
+    calls at those σ still modulate every row; the uncond rows borrow their image's cond map."""
+    unet = sd1_like()
+    r = generate(unet, ON.replace(record_budget_mb=budget), batch=2,
+                 native_kw=dict(skip_uncond=skipped))
+    steps = 4 if skipped is True else len(skipped)
+    assert not r.run.am_skipped and r.run.am_calls == 4 * len(r.gen.layers)
+    assert r.run.am_borrowed == steps * len(r.gen.layers) and not r.run.am_partial
+    assert r.info["FAM AM fallback"] == (
+        f"{r.run.am_borrowed} of {r.run.am_calls} calls: rows of a CFG branch the first pass "
+        "did not run took their image's other branch's map")
+
+
+# ---- hooks of other extensions on native replays (ControlNet) ------------------------------
 @pytest.mark.parametrize("path", ["recompute", "reference"])
 def test_a_unet_hook_holding_high_res_inputs_skips_am_instead_of_failing(path):
     """A stand-in for ControlNet: its UNet hook adds a hint made for the high-res latent."""
@@ -479,11 +510,11 @@ def test_a_unet_hook_holding_high_res_inputs_skips_am_instead_of_failing(path):
     native_sizes = []
 
     def hint_hook():
-        def forward(x, context):
+        def forward(x, *args, **kwargs):
             if tuple(x.shape[-2:]) != HIRES:
                 native_sizes.append(tuple(x.shape[-2:]))
                 x + torch.zeros(1, 1, *HIRES)          # the shape error ControlNet would raise
-            return type(unet).forward(unet, x, context)
+            return type(unet).forward(unet, x, *args, **kwargs)
         unet.forward = forward
 
     try:
@@ -501,10 +532,10 @@ def test_out_of_memory_in_a_replay_is_not_swallowed():
     unet = sd1_like()
 
     def oom():
-        def forward(x, context):
+        def forward(x, *args, **kwargs):
             if tuple(x.shape[-2:]) != HIRES:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-            return type(unet).forward(unet, x, context)
+            return type(unet).forward(unet, x, *args, **kwargs)
         unet.forward = forward
 
     try:
@@ -514,7 +545,7 @@ def test_out_of_memory_in_a_replay_is_not_swallowed():
         unet.__dict__.pop("forward", None)
 
 
-# ---- the refiner (probable defect: AM off for the whole hires pass) ------------------------
+# ---- the refiner (AM where the refiner runs) ---------------------------------------
 @pytest.mark.parametrize("budget", [8192, 0], ids=["record", "recompute"])
 def test_refiner_in_the_first_pass_leaves_am_on_where_the_base_ran(budget):
     unet = sd1_like()
@@ -534,7 +565,7 @@ def test_refiner_in_the_hires_pass_turns_am_off_from_the_switch():
     assert r.info == {"FAM note": "AM off after the refiner switch"} and r.run.fm_calls == 4
 
 
-# ---- UniPC's corrector (probable defect: FM does not reach the sampler's state) ------------
+# ---- UniPC's corrector (FM reaches the sampler's state) --------------------------------
 @pytest.mark.parametrize("kind", ["unipc", "ddim"])
 def test_fm_reaches_the_latent_the_sampler_continues_from(kind):
     """FM only, on A1111's sampler shapes, against the spec written into the loop by hand:
@@ -556,7 +587,7 @@ def test_fm_reaches_the_latent_the_sampler_continues_from(kind):
     with torch.no_grad():
         want = (a1111_like.unipc(CFG(unet, vp=True), start.clone(), TIMESTEPS, cond, uncond, fm=by_hand)
                 if kind == "unipc" else None)
-        gen = FamGeneration(params, discover(unet), SCHEDULE)
+        gen = A1111Generation(params, discover(unet), SCHEDULE)
         cfg = CFG(unet, vp=True)
         progress = lambda d: None  # noqa: E731
         sampler = SimpleNamespace(model_wrap_cfg=cfg, func=loop, callback_state=progress)

@@ -16,7 +16,7 @@ from a1111_like import ROOT, MiniWebUI, sd_model
 from fam.hosts import a1111
 from fam.hosts.webui_args import FamRequestError
 from fam.params import FamParams
-from ldm_like import LdmUNet, sd1_like, sdxl_like
+from ldm_like import sd1_like, sd1_without_top_attention, sdxl_like
 
 FAM = [{"enabled": True}]
 
@@ -40,8 +40,7 @@ def model():
 @pytest.fixture(scope="module")
 def big_model():
     """For img2img above 512² (FAM's SD1 native size): no attention at full latent size."""
-    torch.manual_seed(0)
-    return sd_model(LdmUNet(ch=(16, 32, 32, 32), attn_levels=(1, 2)).eval())
+    return sd_model(sd1_without_top_attention())
 
 
 def forwards(model):
@@ -76,6 +75,22 @@ def test_ui_gives_every_setting_in_params_order_and_no_side_effects(web):
     assert sum(o.label.startswith("[FAM]") for o in web.xyz.axis_options) == len(FamParams.names())
 
 
+ADVANCED = {"record_budget_mb", "record_offload"}   # engine internals, not what a user tunes
+
+
+@pytest.mark.parametrize("is_img2img", [False, True])
+def test_record_settings_sit_in_a_collapsed_advanced_group(web, is_img2img):
+    controls = dict(zip(FamParams.names(), web.Script().ui(is_img2img)))
+    for name, control in list(controls.items())[1:]:
+        assert control.parents[0].kind == "InputAccordion", name     # inside the FAM accordion
+        groups = [b for b in control.parents if b.kind == "Accordion"]
+        if name in ADVANCED:
+            assert [(g.label, g.open) for g in groups] == [("Advanced", False)], name
+            assert groups[0].elem_id.endswith("fam_diffusion_advanced")
+        else:
+            assert groups == [], name
+
+
 # ---- txt2img --------------------------------------------------------------------------------
 def test_hires_fix_with_fam_and_p_left_as_found(web, model):
     plain = web.process_images(web.txt2img(model)).samples[0]
@@ -90,15 +105,15 @@ def test_hires_fix_with_fam_and_p_left_as_found(web, model):
 
 
 def test_fam_reference_is_the_bicubic_first_pass_latent(web, model, monkeypatch):
-    """Hires upscaler "Latent" is bilinear; FAM's z̃₀ is bicubic (spec §1 step 2)."""
+    """Hires upscaler "Latent" is bilinear; FAM's z̃₀ is bicubic (docs/method.md §1 step 2)."""
     seen = []
-    guide = a1111.FamGeneration.guide_hires
+    guide = a1111.A1111Generation.guide_hires
 
     def spy(self, p, sampler, z0, eps, vp, reference=None, native_hw=None):
         seen.append((z0.clone(), self.first_pass_latent, eps))
         return guide(self, p, sampler, z0, eps, vp, reference, native_hw)
 
-    monkeypatch.setattr(a1111.FamGeneration, "guide_hires", spy)
+    monkeypatch.setattr(a1111.A1111Generation, "guide_hires", spy)
     web.process_images(web.txt2img(model, FAM))
     z0, native, eps = seen[0]
     assert native.shape[-2:] == (8, 8) and z0.shape == eps.shape == (1, 4, 16, 16)
@@ -112,7 +127,7 @@ def test_samplers_guided_without_skips(web, model, sampler):
 
 
 def test_two_process_images_on_one_p(web, model):
-    """Loopback, SD upscale and img2img Batch run process_images on one p (defect 1)."""
+    """Loopback, SD upscale and img2img Batch run process_images on one p."""
     p = web.txt2img(model, FAM)
     first = web.process_images(p)
     assert_left_as_found(p, model)
@@ -141,11 +156,11 @@ def test_an_exception_in_the_first_pass_leaves_nothing_behind(web, model):
     unet = model.model.diffusion_model
     calls = {"n": 0}
 
-    def failing(x, context):
+    def failing(x, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("boom")
-        return type(unet).forward(unet, x, context)
+        return type(unet).forward(unet, x, *args, **kwargs)
 
     p = web.txt2img(model, FAM)
     unet.forward = failing
@@ -197,7 +212,7 @@ def test_the_hook_may_run_twice_for_one_pass(web, model, monkeypatch):
 
 
 def test_hires_checkpoint_on_the_recompute_path(web, model):
-    """The first-pass model is moved away; replays run on the hires checkpoint (defect 3)."""
+    """The first-pass model is moved away; replays run on the hires checkpoint."""
     hires = sd_model(sd1_like(seed=1), title="other.safetensors")
     p = web.txt2img(model, [{"enabled": True, "record_budget_mb": 0}], hr_model=hires)
     unet = model.model.diffusion_model
@@ -250,6 +265,10 @@ def test_img2img_without_am_encodes_no_reference(web, big_model, lam):
     ("txt2img", [{"enabled": True, "am_lambda": 2}], "'am_lambda' = 2"),
     ("txt2img", [True, True, "wide"], "'fm_cutoff'"),
     ("txt2img", [{"enabled": True, "am_blocks": "0,1"}], r"AM blocks \[0, 1\] have no self-attention"),
+    ("txt2img", [{"enabled": True, "am_blocks": "²"}], "'am_blocks' = '²'"),
+    ("txt2img", [{"enabled": True, "record_budget_mb": 10**400}], "'record_budget_mb'"),
+    ("txt2img", [True, True, float("nan")], "'fm_cutoff' = nan"),
+    ("txt2img", [{"enabled": True, 7: 0.5}], "FAM setting '7'"),
     ("no_hires", FAM, "enable Hires. fix"),
     ("img2img_small", FAM, "larger than the model's native size 512x512"),
     ("img2img_mask", FAM, "does not inpaint"),
@@ -271,9 +290,40 @@ def test_errors_stop_the_generation_with_a_request_error(web, model, big_model, 
     assert_left_as_found(p, model)
 
 
+def test_any_decoding_failure_stops_the_generation_with_a_request_error(web, model, monkeypatch):
+    """The script runner swallows what `process` raises: a failure no check foresaw must
+    still reach the user, as the request's error."""
+    monkeypatch.setattr(FamParams, "from_dict", classmethod(lambda cls, d: {}["unforeseen"]))
+    p = web.txt2img(model, FAM)
+    with pytest.raises(FamRequestError, match="could not be read"):
+        web.process_images(p)
+    assert not web.logged
+    assert_left_as_found(p, model)
+
+
+def test_a_malformed_pasted_infotext_leaves_those_controls_unchanged(web, capsys):
+    """A1111's paste: the `on_infotext_pasted` callbacks, then each paste field's function;
+    an exception in one would be logged with a traceback. The API's `infotext` field runs
+    the functions without the callbacks: there a malformed entry is a 422 naming it."""
+    script = web.Script()
+    script.ui(False)
+    entries = {"FAM": "True", "FAM FM cutoff": "0.25", "FAM AM lambda": "1e400", "FAM AM blocks": "３"}
+    api = [fn for _, fn in script.infotext_fields]
+    with pytest.raises(FamRequestError, match="'am_lambda' = inf is invalid"):
+        [fn(entries) for fn in api]
+    pasted = dict(entries)
+    for callback in web.infotext_pasted:
+        callback("a lighthouse\nSteps: 4, FAM: True", pasted)
+    values = dict(zip(FamParams.names(), (fn(pasted) for fn in api)))
+    assert values == {**dict.fromkeys(FamParams.names()), "enabled": True, "fm_cutoff": 0.25}
+    log = capsys.readouterr().out
+    assert "Traceback" not in log and len(log.splitlines()) == 2
+    assert "'FAM AM lambda'" in log and "'FAM AM blocks'" in log and "digits 0-9" in log
+
+
 def test_request_errors_are_quiet_fastapi_errors():
-    """The WebUI API prints a traceback for every exception but FastAPI's HTTPException
-    (defect 5): with FastAPI present, a FAM request error is one, and keeps its 422 body."""
+    """The WebUI API prints a traceback for every exception but FastAPI's HTTPException:
+    with FastAPI present, a FAM request error is one, and keeps its 422 body."""
     code = textwrap.dedent("""
         import sys, types
         fastapi = types.ModuleType("fastapi")
@@ -300,7 +350,7 @@ def test_request_errors_are_quiet_fastapi_errors():
 
 
 def test_live_suite_imports_with_only_pytest(tmp_path):
-    """tests/live runs in the WebUI's own Python (defect 6): collecting it must need nothing
+    """tests/live runs in the WebUI's own Python: collecting it must need nothing
     but pytest (torch, diffusers, hypothesis and the project itself blocked here)."""
     (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
         import sys

@@ -4,12 +4,15 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from fam.attention import modulated_attention, pool_keys, upsample_queries
+from fam.attention import (AmContext, am_projected_attention, merge_heads, modulated_attention,
+                           pool_keys, split_heads, upsample_queries)
 
 
 def nearest_matrix(n_out, n_in):
@@ -70,6 +73,25 @@ def test_integer_fast_path_equals_adaptive_ops():
     grid = x.reshape(6, 4, 3, 5).permute(0, 3, 1, 2)
     slow = torch.nn.functional.interpolate(grid, size=(8, 12), mode="nearest")
     torch.testing.assert_close(up, slow.permute(0, 2, 3, 1).reshape(2, 3, 96, 5))
+
+
+def test_am_on_some_rows_leaves_the_others_their_own_attention():
+    """Rows whose image has no native map keep plain attention; the others get exactly the AM
+    they would get alone."""
+    torch.manual_seed(0)
+    C, heads, hires, native_hw = 8, 2, (4, 6), (2, 3)
+    attn = SimpleNamespace(to_q=torch.nn.Linear(C, C), to_k=torch.nn.Linear(C, C))
+    q, k, v = (torch.randn(3, 24, C) for _ in range(3))
+    native = torch.randn(2, 6, C)
+    with torch.no_grad():
+        out = am_projected_attention(q, k, v, heads, attn,
+                                     AmContext(native, hires, native_hw, 0.7, rows=(0, 2)))
+        alone = am_projected_attention(q[[0, 2]], k[[0, 2]], v[[0, 2]], heads, attn,
+                                       AmContext(native, hires, native_hw, 0.7))
+        plain = merge_heads(F.scaled_dot_product_attention(
+            *(split_heads(t[[1]], heads) for t in (q, k, v))))
+    torch.testing.assert_close(out[[0, 2]], alone)
+    torch.testing.assert_close(out[[1]], plain)
 
 
 def test_lambda_limits():

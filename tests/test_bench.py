@@ -7,8 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fam.bench import FAM, main
-from fam.bench_ldm import LDM_CPU, A1111Engine, LdmUNet
+from benchmarks.bench import FAM, main
+from benchmarks.engines import A1111Engine
+from benchmarks.ldm import LDM_CPU, LdmUNet
 from fam.hosts.a1111 import Attn1Hook
 from fam.layers import discover
 

@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 
 import forge_like
-from a1111_like import BETAS, SCHEDULE, TIMESTEPS, conds, ddim, euler, sigmas
-from fam.hosts.forge import (FAM_MARK, ForgeGeneration, chunk_roles, forge_generation,
-                             forge_layout, forge_schedule, low_vram_mode, native_kwargs,
-                             native_size_vector, sdpa_attention, webui_attention)
-from fam.hosts.webui import native_side
+from a1111_like import BETAS, SCHEDULE, TIMESTEPS, conds, ddim, euler, extra_host_reads, sigmas
+from fam.hosts.forge import (ForgeGeneration, forge_generation, forge_layout, forge_schedule,
+                             low_vram_mode, webui_attention)
+from fam.hosts.patcher import chunk_roles, native_kwargs, sdpa_attention
+from fam.hosts.sdxl import native_size_vector
+from fam.hosts.unet_hooks import GEN_ATTR
 from fam.hosts.webui_args import FamRequestError
 from fam.params import FamParams
 from fam.record import Role
@@ -53,7 +54,8 @@ def job(model, batch=1, steps=4):
 
 
 def forge_generate(model, params=ON, batch=1, parts=1, max_chunks=None, vp=False,
-                   reference=False, hires_scale=5.0, double_hook=False, with_reset=True,
+                   reference=False, native_scale=5.0, hires_scale=5.0, double_hook=False,
+                   with_reset=True,
                    inference_mode=False, after_fam=None):
     """Native pass then high-res pass as Forge runs them, with `generate`'s inputs, FAM on
     both when enabled; the UNet reset before each pass; the hires hook run once or twice
@@ -72,8 +74,8 @@ def forge_generate(model, params=ON, batch=1, parts=1, max_chunks=None, vp=False
             cfg = sampler.model_wrap_cfg = forge_like.CFGDenoiser(model, max_chunks, timesteps=vp)
             if gen and not reference:
                 gen.record_native(p, sampler, vp)
-            native = (ddim(cfg, noise_n, TIMESTEPS, cond, uncond) if vp
-                      else euler(cfg, noise_n * 14.6, sigmas(), cond, uncond))
+            native = (ddim(cfg, noise_n, TIMESTEPS, cond, uncond, scale=native_scale) if vp
+                      else euler(cfg, noise_n * 14.6, sigmas(), cond, uncond, scale=native_scale))
             z0 = F.interpolate(native.float(), size=HIRES, mode="bicubic")
             if not (gen and double_hook):   # Forge main's first hires call sees the old UNet
                 reset(model, base)
@@ -231,6 +233,18 @@ def test_forge_and_a1111_hosts_agree(make):
     assert (f.out - plain_f).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("off", [dict(am_lambda=0.0), dict(am_enabled=False)], ids=["lambda0", "am_off"])
+def test_fm_runs_without_am_as_on_a1111(off):
+    """Without AM the UNet is left unpatched in both passes; FM still learns the native size
+    from the first pass's denoiser and guides every high-res step."""
+    model = forge_model(sd1_like)
+    f = forge_generate(model, ON.replace(**off))
+    a = generate(sd1_like(0), ON.replace(**off))
+    assert f.gen.run.fm_calls == a.gen.run.fm_calls == 4 and f.gen.run.am_calls == 0
+    torch.testing.assert_close(f.out, a.out, atol=1e-4, rtol=1e-4)
+    assert (f.out - forge_generate(model, FamParams()).out).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("batch, parts, max_chunks", [
     (1, 1, None), (1, 1, 1), (2, 1, None), (2, 1, 1), (2, 2, None), (2, 2, 1), (1, 3, 2)])
 def test_every_row_layout_gives_the_a1111_result(batch, parts, max_chunks):
@@ -254,6 +268,22 @@ def test_hires_cfg_one_runs_am_on_cond_rows_only():
     assert r.cfg.calls == [[0]] * 4
     assert not r.gen.run.am_skipped and r.gen.run.am_calls == 4 * len(r.gen.layers)
     plain = forge_generate(model, FamParams(), batch=2, hires_scale=1.0).out
+    assert not torch.equal(r.out, plain) and torch.isfinite(r.out).all()
+
+
+@pytest.mark.parametrize("budget", [8192, 0], ids=["record", "recompute"])
+@pytest.mark.parametrize("chunks", [None, 1])
+def test_uncond_rows_a_first_pass_at_cfg_1_never_ran_take_the_cond_map(budget, chunks):
+    """Forge's Hires CFG above a first pass at CFG 1: the native pass has cond rows only. The
+    uncond rows borrow their image's cond map; the cond rows are modulated as always."""
+    model = forge_model(sd1_like)
+    r = forge_generate(model, ON.replace(record_budget_mb=budget), batch=2, native_scale=1.0,
+                       max_chunks=chunks)
+    run = r.gen.run
+    assert not run.am_skipped and run.am_calls == 4 * len(r.gen.layers) * (2 if chunks else 1)
+    assert run.am_borrowed == run.am_calls // (2 if chunks else 1) and not run.am_partial
+    assert r.info["FAM AM fallback"].startswith(f"{run.am_borrowed} of {run.am_calls} calls")
+    plain = forge_generate(model, FamParams(), batch=2, native_scale=1.0, max_chunks=chunks).out
     assert not torch.equal(r.out, plain) and torch.isfinite(r.out).all()
 
 
@@ -281,6 +311,17 @@ def test_record_and_recompute_paths_agree():
     rep = forge_generate(model, ON.replace(record_budget_mb=0), batch=2, parts=2, max_chunks=2)
     assert rep.info == {"FAM AM path": "recompute"} and rep.gen.run.replays == 4 * 2
     assert torch.equal(rec.out, rep.out)
+
+
+@pytest.mark.parametrize("vp", [False, True], ids=["sigma", "timesteps"])
+def test_sigma_is_read_once_per_cfg_call_however_the_batch_is_chunked(vp):
+    """On a GPU every host read of σ waits for the device: one per CFG call (in the CFG
+    denoiser), none per UNet batch; +1 per generation for Forge's σ table."""
+    model = forge_model(sd1_like)
+    (whole, r), (chunked, c) = (extra_host_reads(forge_generate, model, batch=2, max_chunks=n,
+                                                 vp=vp) for n in (None, 1))
+    assert r.gen.run.am_calls > 0 and not r.gen.run.am_skipped and not c.gen.run.am_skipped
+    assert whole == chunked == r.cfg.step * 2 + 1   # both passes
 
 
 def test_sigma_matching_keys_the_record_by_the_unets_sigma():
@@ -372,6 +413,25 @@ def test_an_attn1_replacement_set_after_fams_is_noted():
                                   "replaced the attention of the AM layers after FAM")
 
 
+def test_an_attn1_replacement_set_before_fams_is_kept_and_noted():
+    """Another extension's attention on an AM layer, there before FAM: it keeps running and
+    the infotext says AM did not run there, as for one set after FAM."""
+    calls = []
+
+    def theirs(q, k, v, extra):
+        calls.append(q.shape[1])
+        return sdpa_attention(q, k, v, extra["n_heads"])
+
+    model = forge_model(sd1_like)
+    model.forge_objects.unet.set_model_attn1_replace(theirs, "output", 3, 0)
+    r = forge_generate(model)
+    assert r.info["FAM note"] == (f"AM did not run in 4 of {4 * 3} calls: another extension "
+                                  "replaced the attention of the AM layers before FAM")
+    hires_tokens = (HIRES[0] // 4) * (HIRES[1] // 4)
+    assert calls.count(hires_tokens) == 4 and len(calls) == 8     # native and hires pass
+    assert r.gen.run.am_calls == 4 * 2 and not r.gen.run.am_skipped
+
+
 def test_a_unet_wrapper_replaced_after_fams_is_noted():
     def wrapper(apply_model, args):
         return apply_model(args["input"], args["timestep"], **args["c"])
@@ -390,7 +450,7 @@ def test_leftover_clone_functions_are_inert_after_remove():
     model.forge_objects.unet = r.unet.clone()
     model.forge_objects.unet.model_options = {"transformer_options": {}}
     assert torch.equal(inert, forge_generate(model, FamParams()).out)
-    assert getattr(r.unet.model_options["model_function_wrapper"], FAM_MARK) is r.gen
+    assert getattr(r.unet.model_options["model_function_wrapper"], GEN_ATTR) is r.gen.hooks
 
 
 def test_failed_setup_makes_the_sampler_raise_and_comes_off():

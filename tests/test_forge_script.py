@@ -11,10 +11,10 @@ import torch
 
 import forge_like
 from a1111_like import MiniWebUI, sd_model as a1111_model
-from fam.hosts.forge import FAM_MARK
+from fam.hosts.unet_hooks import GEN_ATTR
 from fam.hosts.webui_args import FamRequestError
 from fam.params import FamParams
-from ldm_like import LdmUNet, sd1_like, sdxl_like
+from ldm_like import sd1_like, sd1_without_top_attention, sdxl_like
 from test_a1111_script import fresh_log, image, web  # noqa: F401 - the same miniature WebUI
 from test_forge import SIGMA_TABLE
 
@@ -51,7 +51,7 @@ def has_fam(patcher):
     fns = list(to.get("patches", {}).get("attn1_patch", ()))
     fns += list(to.get("patches_replace", {}).get("attn1", {}).values())
     fns.append(opts.get("model_function_wrapper"))
-    return any(getattr(f, FAM_MARK, None) is not None for f in fns)
+    return any(getattr(f, GEN_ATTR, None) is not None for f in fns)
 
 
 def assert_left_as_found(p, model, state):
@@ -109,6 +109,21 @@ def test_hires_cfg_one_guides_the_cond_rows_alone(web):
     assert (out - plain).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("budget", [8192, 0], ids=["record", "recompute"])
+def test_a_first_pass_at_cfg_1_under_a_hires_cfg_guides_every_row(web, budget):
+    """First pass at CFG 1 (cond rows only), Hires CFG 5: the uncond rows take their image's
+    cond map, and no row is skipped for it."""
+    model = forge_model()
+    p = txt2img(web, model, [{"enabled": True, "record_budget_mb": budget}], cfg_scale=1.0,
+                hr_cfg=5.0, batch_size=2)
+    out, info = run(web, p)
+    assert sorted(p.sampler.model_wrap_cfg.calls[0]) == [0, 1]   # the hires pass has uncond rows
+    assert "FAM AM skipped" not in info and "FAM note" not in info
+    assert info["FAM AM fallback"].startswith(f"{4 * 3} of {4 * 3} calls: rows of a CFG branch")
+    plain, _ = run(web, txt2img(web, model, [], cfg_scale=1.0, hr_cfg=5.0, batch_size=2))
+    assert (out - plain).abs().max() > 1e-2
+
+
 def test_classic_first_steps_without_uncond_are_guided_throughout(web):
     """Classic runs step 0 of each pass with cond rows only: the record has no uncond maps
     for σ_max, and the hires step at σ_max has no uncond rows either."""
@@ -135,8 +150,7 @@ def test_timestep_samplers(web, sampler):
 # ---- img2img and the upscale button -----------------------------------------------------------
 @pytest.mark.parametrize("flavor", ["main", "classic"])
 def test_img2img_upscaling_on_the_reference_path(web, flavor):
-    torch.manual_seed(0)
-    unet = forge_like.forge_unet(LdmUNet(ch=(16, 32, 32, 32), attn_levels=(1, 2)).eval())
+    unet = forge_like.forge_unet(sd1_without_top_attention())
     model = forge_like.sd_model(unet, SIGMA_TABLE)
     state = base_state(model)
     kw = dict(init_images=[image()], width=520, height=520, flavor=flavor)

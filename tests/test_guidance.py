@@ -73,7 +73,28 @@ def test_impossible_calls_are_skipped_counted_and_reported(run):
     assert run.am_calls == 1 and sum(run.am_skipped.values()) == 3
     text = run.report()["FAM AM skipped"]
     assert text.startswith("3 of 4 calls") and "token grid changed" in text
-    assert "no native map for a row's role" in text
+    assert "no native map for the call's rows" in text
+
+
+def test_a_role_the_first_pass_never_ran_borrows_and_no_row_waits_for_another(run):
+    run.begin_native()
+    run.begin_call(1.0, [C0, C1], (8, 8))          # CFG 1: cond rows only
+    h0 = hidden(2, 16, 1)
+    run.on_attn1("L", h0)
+    run.begin_call(0.5, [C0, U0], (8, 8))          # image 1 not in this call at all
+    h1 = hidden(2, 16, 2)
+    run.on_attn1("L", h1)
+    run.begin_hires(torch.zeros(2, 4, 16, 16), torch.zeros(2, 4, 16, 16))
+    run.begin_call(1.0, [C0, C1, U0, U1], (16, 16))
+    ctx = run.on_attn1("L", hidden(4, 64, 3))
+    assert ctx.rows is None and torch.equal(ctx.native_hidden, h0[[0, 1, 0, 1]])
+    run.begin_call(0.5, [C0, C1, U0, U1], (16, 16))
+    ctx = run.on_attn1("L", hidden(4, 64, 4))
+    assert ctx.rows == (0, 2) and torch.equal(ctx.native_hidden, h1)
+    assert run.am_calls == 2 and not run.am_skipped
+    assert run.report()["FAM AM fallback"] == (
+        "1 of 2 calls: rows of a CFG branch the first pass did not run took their image's other "
+        "branch's map; 1 of 2 calls: rows whose image has no native map kept their own attention")
 
 
 def test_nothing_is_recorded_when_am_is_off(run):

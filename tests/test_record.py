@@ -17,9 +17,9 @@ from fam.guidance import FamRun
 from fam.hosts.diffusers import generate
 from fam.layers import AttnLayer
 from fam.params import FamParams
-from fam.record import HostMemory, NativeRecord, Role
+from fam.record import NativeRecord, Role
 from fam.schedule import VPSchedule
-from fam.transfer import Prefetcher, Streams
+from fam.transfer import HostMemory, Prefetcher, Streams
 
 ON = FamParams(enabled=True)
 NATIVE, HIRES = (16, 16), (32, 32)

@@ -21,16 +21,36 @@ def tracked_files():
     return [f for f in out if f.endswith(TEXT) or f.startswith(".ci/")]
 
 
-def test_no_file_refers_outside_the_repository():
-    outside = re.compile(r"\.\./shared|/work/(shared|notes|wt|webui)|steering repository")
+def lines_where(found):
+    """"file:line: text" of every line of the tracked text files (but this one, which holds
+    the patterns) for which `found(line)` is true."""
     hits = []
     for rel in tracked_files():
-        if rel == "tests/test_repository.py":   # the pattern itself
+        if rel == "tests/test_repository.py":
             continue
         with open(os.path.join(ROOT, rel), encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, 1):
-                if outside.search(line):
-                    hits.append(f"{rel}:{n}: {line.strip()}")
+            hits += [f"{rel}:{n}: {line.strip()}" for n, line in enumerate(f, 1) if found(line)]
+    return hits
+
+
+def test_no_file_refers_outside_the_repository():
+    outside = re.compile(r"\.\./shared|/work/(shared|notes|wt|webui)|steering repository")
+    hits = lines_where(outside.search)
+    assert not hits, "\n".join(hits)
+
+
+def test_no_text_refers_to_an_issue_or_a_missing_document():
+    """A reader has the repository, not the issue tracker or the notes it was built from:
+    no issue numbers or defect numbers, no "the issue's …", no "spec §" (the method is
+    docs/method.md), and every `docs/….md` named exists."""
+    tracker = re.compile(r"\bissue\s*#?\d+|\bthe issue(?:'s)?\b|\bdefects?\s*\d+|"
+                         r"\bprobable defect\b|\bspec(?:'s)?\s*§|\bthe spec\b|\bbranch i\d+", re.I)
+    doc = re.compile(r"(?<![\w/.-])docs/[\w./-]+\.md")
+
+    def refers(line):
+        return tracker.search(line) or any(not os.path.exists(os.path.join(ROOT, d))
+                                           for d in doc.findall(line))
+    hits = lines_where(refers)
     assert not hits, "\n".join(hits)
 
 
@@ -50,6 +70,24 @@ def test_markdown_links_resolve():
     assert not broken, broken
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     assert "(docs/method.md)" in readme
+
+
+def test_the_readme_layout_lists_every_module():
+    """Every Python module of the package, the script and the benchmark is in README's
+    "Project layout": by its path, or by its name in its folder's row."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = readme.split("## Project layout", 1)[1].split("\n## ", 1)[0]
+    missing = []
+    for rel in tracked_files():
+        if not rel.endswith(".py") or not rel.startswith(("fam/", "scripts/", "benchmarks/")):
+            continue
+        folder, name = os.path.split(rel)
+        if f"`{rel}`" in section:
+            continue
+        if f"`{folder}/" in section and (name == "__init__.py" or f"`{name}`" in section):
+            continue
+        missing.append(rel)
+    assert not missing, missing
 
 
 def test_javascript_writes_no_html():

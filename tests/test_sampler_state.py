@@ -1,4 +1,4 @@
-"""FM reaches the latent each sampler step starts from (spec §1 step 4), diffusers host."""
+"""FM reaches the latent each sampler step starts from (docs/method.md §1 step 4), diffusers host."""
 
 import diffusers
 import pytest

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import diffusers
-import fam.record
+import fam.transfer
 from conftest import SCHED_KW, cfg_cond, tiny_sdxl
 from fam.guidance import FamRun
 from fam.hosts.diffusers import generate
 from fam.params import FamParams
-from fam.record import HostMemory, NativeRecord
+from fam.record import NativeRecord
 from fam.schedule import VPSchedule
-from fam.transfer import page_locked
+from fam.transfer import HostMemory, page_locked
 
 ON = FamParams(enabled=True)
 PAGE = 4096
@@ -87,7 +87,7 @@ def test_the_last_view_dying_unregisters_before_the_pages_are_unmapped():
 def test_a_buffer_that_cannot_be_page_locked_is_pageable_usable_and_reported(case, monkeypatch):
     rt = {"refused": FakeCudart(refuse=lambda size: True), "no binding": FakeCudart(raises=True),
           "no runtime": None}[case]
-    monkeypatch.setattr(fam.record, "cuda_runtime", lambda: None)   # as on a CPU build
+    monkeypatch.setattr(fam.transfer, "cuda_runtime", lambda: None)   # as on a CPU build
     mem = HostMemory(pin=True, runtime=rt)
     buf = mem.allocate(10, torch.float32)
     buf.copy_(torch.arange(10.0))
@@ -185,6 +185,41 @@ def test_a_page_locked_offloaded_generation_equals_the_device_record_and_unlocks
     assert {thread for _, _, thread in rt.log} == {"fam-record_0"}
     monkeypatch.setattr(NativeRecord, "offload_devices", ("cuda",))
     assert torch.equal(off.hires, run(unet).hires)
+
+
+def test_page_locking_stays_under_half_the_free_ram_and_says_so(unet, pinned_offload, monkeypatch):
+    """Page-locked memory cannot be swapped: a record larger than half the RAM free at its
+    start page-locks up to that, keeps the rest pageable (same result) and says so."""
+    rt = pinned_offload
+    registered = []
+    register = rt.cudaHostRegister
+
+    def counting(ptr, size, flags):
+        registered.append(size)
+        return register(ptr, size, flags)
+
+    rt.cudaHostRegister = counting
+    whole = run(unet)
+    segment = whole.run.stats["record_bytes"] // 4            # one per native step, equal
+    assert registered == [segment] * 4 and "FAM record" not in whole.run.report()
+    registered.clear()
+    monkeypatch.setattr(fam.transfer, "available_ram", lambda: 5 * segment)   # half: 2.5 segments
+    capped = run(unet)
+    assert registered == [segment] * 2 and rt.live == {}
+    assert capped.run.memory.unpinned_bytes == 2 * segment and not capped.run.memory.pin_failed
+    assert capped.run.report()["FAM record"].startswith(
+        f"{2 * segment / 2**20:.1f} MiB pageable (page-locked memory kept under half the RAM")
+    assert torch.equal(capped.hires, whole.hires)
+
+
+def test_the_free_ram_is_known_here_and_a_container_limit_bounds_it(tmp_path):
+    ram = fam.transfer.available_ram()
+    assert ram is not None and 0 < ram < 2**50
+    (tmp_path / "memory.max").write_text("3000000\n")            # cgroup v2: 3 MB, 1 MB used
+    (tmp_path / "memory.current").write_text("1000000\n")
+    assert fam.transfer.available_ram(str(tmp_path)) == min(ram, 2000000) == 2000000
+    (tmp_path / "memory.max").write_text("max\n")
+    assert fam.transfer.available_ram(str(tmp_path)) >= 0.5 * ram   # no limit: the machine's
 
 
 def test_a_failing_generation_leaves_no_registration(unet, pinned_offload, monkeypatch):

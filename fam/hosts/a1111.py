@@ -1,24 +1,19 @@
-"""AUTOMATIC1111 host, torch level: FAM on an ldm/sgm UNet driven by the WebUI's CFG denoiser.
+"""AUTOMATIC1111 host: FAM on an ldm/sgm UNet driven by the WebUI's CFG denoiser.
 
-What only A1111 needs on top of the WebUI-common generation (`webui.WebUIGeneration`):
   * the CFG denoiser's inner model (k-diffusion `CompVisDenoiser` or the timestep denoiser)
     sees every UNet batch, so each inner call opens a FAM call with its σ and row roles;
-  * the UNet batch of one CFG step: per image its cond rows (one per AND sub-prompt), then
-    one uncond row per image; A1111 may split it into several inner calls in ascending row
-    order, or drop the uncond rows: a `RowCursor` hands each call its slice of roles;
+  * one CFG step's UNet batch is, per image, its cond rows (one per AND sub-prompt), then one
+    uncond row per image; A1111 may split it into several inner calls in ascending row order,
+    or drop the uncond rows: a `RowCursor` hands each call its slice of roles;
   * attention optimisations replace the CLASS `forward` of CrossAttention; `Attn1Hook` is an
     instance attribute that calls the layer's previous forward for every call FAM does not
-    handle, so SDP/xformers/sub-quadratic keep working and removal restores the layer;
-  * native replays (recompute and reference paths) run through the denoiser of the pass
-    being guided, so a hires checkpoint's UNet rebuilds the maps, and SDXL's size
-    conditioning is rebuilt for the native size.
+    handle, so SDP/xformers/sub-quadratic keep working and removal restores the layer.
 Nothing here imports `modules`."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +22,17 @@ from ..attention import am_self_attention
 from ..layers import AttnLayer, LayerSelectionError, UNetLayout, discover
 from ..params import FamParams
 from ..record import Role
-from ..schedule import VPSchedule, noised_reference
-from .webui import LATENT_FACTOR, WebUIGeneration, model_name, native_size_call
+from ..schedule import VPSchedule
+from .sdxl import with_native_size
+from .unet_hooks import LATENT_FACTOR, NativeCall, UNetHooks, _Current
+from .webui import WebUIGeneration, model_name
 from .webui_args import FamRequestError
 
-__all__ = ["cfg_roles", "cond_repeats", "RowCursor", "Attn1Hook", "FamGeneration", "HOST",
-           "native_cond", "with_native_size", "same_architecture", "unet_layout"]
+__all__ = ["a1111_roles", "cond_repeats", "RowCursor", "Attn1Hook", "A1111Hooks",
+           "A1111Generation", "HOST", "native_cond", "unet_layout", "model_schedule"]
 
 
-def cfg_roles(repeats: Sequence[int], batch: int | None = None) -> list[Role]:
+def a1111_roles(repeats: Sequence[int], batch: int | None = None) -> list[Role]:
     """Row roles of A1111's full CFG batch: image i's `repeats[i]` cond rows (AND parts),
     for every image, then one uncond row per image."""
     batch = len(repeats) if batch is None else batch
@@ -79,11 +76,11 @@ def _plain_self_attention(x, context, mask, extra: Mapping[str, Any]) -> bool:
 
 class Attn1Hook:
     """Instance `forward` of one attn1 layer for one generation: a self-attention call made
-    while FAM is inside a UNet call goes to the run (record, or modulate with the native
-    context); every other call goes to the layer's previous forward."""
+    inside FAM's UNet call goes to the run (record, or modulate with the native context);
+    every other call goes to the layer's previous forward."""
 
-    def __init__(self, gen: "FamGeneration", layer: AttnLayer):
-        self.gen: FamGeneration | None = gen
+    def __init__(self, hooks: "A1111Hooks", layer: AttnLayer):
+        self.hooks: A1111Hooks | None = hooks
         self.name, self.module = layer.name, layer.module
         self._had_own = "forward" in layer.module.__dict__
         self._previous = layer.module.__dict__.get("forward")
@@ -94,53 +91,27 @@ class Attn1Hook:
         return type(self.module).forward(self.module, x, context=context, mask=mask, **kwargs)
 
     def __call__(self, x, context=None, mask=None, **kwargs):
-        gen = self.gen
-        if gen is not None and gen.in_unet_call and _plain_self_attention(x, context, mask, kwargs):
-            ctx = gen.run.on_attn1(self.name, x)
+        hooks = self.hooks
+        if hooks is not None and hooks.in_unet_call and _plain_self_attention(x, context, mask, kwargs):
+            ctx = hooks.run.on_attn1(self.name, x)
             if ctx is not None:
                 return am_self_attention(self.module, x, ctx)
         return self.previous(x, context=context, mask=mask, **kwargs)
 
     def install(self) -> None:
-        if isinstance(self._previous, Attn1Hook) and self._previous.gen is not None:
+        if isinstance(self._previous, Attn1Hook) and self._previous.hooks is not None:
             raise RuntimeError(f"FAM is already installed on {self.name}")
         self.module.forward = self
 
     def remove(self) -> None:
         """Restore the previous forward; if another wrapper was put on top of this one since
         (Hypertile hooks once, for good), stay in its chain as a pass-through."""
-        self.gen = None
+        self.hooks = None
         if self.module.__dict__.get("forward") is self:
             if self._had_own:
                 self.module.forward = self._previous
             else:
                 del self.module.forward
-
-
-# ---- conditioning of a native-size call ----------------------------------------------------
-_SIZE_KEYS = ("original_size_as_tuple", "target_size_as_tuple")
-_FIXED_KEYS = {"crop_coords_top_left": 2, "aesthetic_score": 1}   # key: values per row
-
-
-def with_native_size(conditioner: Any, vector: torch.Tensor, height: int, width: int
-                     ) -> torch.Tensor:
-    """SDXL's `vector` with its original-size and target-size embeddings made for
-    height×width pixels, as the WebUI makes them for a pass at that size; the pooled text,
-    crop and aesthetic-score parts are kept. sgm's `GeneralConditioner` concatenates its
-    embedders' vector outputs in order and the size-like ones come after the text ones, so
-    they are found walking back from the end with the model's own embedders."""
-    out, end = vector.clone(), vector.shape[1]
-    for embedder in reversed(list(getattr(conditioner, "embedders", ()))):
-        key = getattr(embedder, "input_key", None)
-        if key not in _SIZE_KEYS and key not in _FIXED_KEYS:
-            break
-        values = [height, width] if key in _SIZE_KEYS else [0.0] * _FIXED_KEYS[key]
-        emb = embedder(torch.tensor([values], dtype=torch.float32, device=vector.device))
-        start = end - emb.shape[1]
-        if key in _SIZE_KEYS:
-            out[:, start:end] = emb.to(out.dtype)
-        end = start
-    return out
 
 
 def native_cond(kwargs: Mapping[str, Any], hw, conditioner: Any = None) -> dict:
@@ -162,7 +133,6 @@ def native_cond(kwargs: Mapping[str, Any], hw, conditioner: Any = None) -> dict:
     return {**kwargs, "cond": cond}
 
 
-# ---- the model ------------------------------------------------------------------------------
 def unet_layout(sd_model) -> UNetLayout:
     unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
     if unet is None:
@@ -180,56 +150,40 @@ def model_schedule(sd_model) -> VPSchedule:
         return VPSchedule(sd_model.alphas_cumprod_original)
 
 
-def same_architecture(a: UNetLayout, b: UNetLayout) -> bool:
-    """Whether the native record of one UNet can drive another's AM layers."""
-    def sig(layout):
-        return [(l.name.split("diffusion_model.")[-1], l.heads, tuple(l.module.to_q.weight.shape))
-                for l in layout.layers]
-    return sig(a) == sig(b)
-
-
-@dataclass(frozen=True, eq=False)
-class _NativeCall:
-    """Replay payload of one recorded native inner-model call: its inputs in the units of
-    the denoiser that made it (σ and σ-space latent, or t and VP latent when `vp`)."""
-    sigma: float
-    roles: tuple[Role, ...]
+class _Inputs(NamedTuple):
+    """An inner-model call in the units of the denoiser that made it (σ and σ-space latent,
+    or t and VP latent when `vp`), and that denoiser's forward."""
     x: torch.Tensor
     sigma_in: torch.Tensor
     kwargs: dict
     vp: bool
+    forward: Callable
 
-    def inputs(self, vp: bool, schedule: VPSchedule) -> tuple[torch.Tensor, torch.Tensor]:
+    def for_denoiser(self, sigma: float, vp: bool, schedule: VPSchedule):
         """(x, σ or t) for a denoiser of the kind `vp` (the same UNet input either way)."""
         if vp == self.vp:
             return self.x, self.sigma_in
-        scale = math.sqrt(1.0 + self.sigma ** 2)   # VP latent = σ-space latent / √(1 + σ²)
+        scale = math.sqrt(1.0 + sigma ** 2)   # VP latent = σ-space latent / √(1 + σ²)
         x = self.x / scale if vp else self.x * scale
-        value = schedule.sigma_to_t(self.sigma) if vp else self.sigma
+        value = schedule.sigma_to_t(sigma) if vp else sigma
         return x, torch.full_like(self.sigma_in, value)
 
 
-class FamGeneration(WebUIGeneration):
-    """FAM for one batch of one A1111 generation (one `p.sample` call): the attn1 hooks and the
-    inner-model wrapper on top of the WebUI-common generation."""
+class A1111Hooks(UNetHooks):
+    """The attn1 hooks of the AM layers, and the inner-model calls as FAM calls. Replays run
+    through the denoiser of the pass being guided, so a hires checkpoint's UNet rebuilds the
+    maps, and SDXL's size conditioning is rebuilt for the native size."""
 
-    def __init__(self, params: FamParams, layout: UNetLayout, schedule: VPSchedule,
-                 model_name: str = "this model"):
-        super().__init__(params, layout.am_layers(params.am_block_indices, model_name=model_name),
-                         schedule)
-        self.layout = layout
-        self.in_unet_call = False
-        self._cursor = RowCursor()
+    def __init__(self, run, layers, schedule: VPSchedule):
+        super().__init__(run, layers)
+        self.schedule = schedule
+        self.cursor = RowCursor()
+        self.conditioner = None     # sgm's, for the reference path's native-size `vector`
         self._hooks: list[Attn1Hook] = []
-        self._current = None
-        self._ref = self._ref_eps = None
-        self._conditioner = None
-        self._hires_unet_calls = 0
 
-    # ---- install / remove ----------------------------------------------------------
     def install(self) -> None:
         """The attn1 hooks of the AM layers (none when AM cannot change anything)."""
-        if not self.params.am_active:
+        if not self.run.params.am_active:
             return
         try:
             for layer in self.layers:
@@ -241,111 +195,82 @@ class FamGeneration(WebUIGeneration):
             raise
 
     def remove(self) -> None:
-        for hook in reversed(self._hooks):
-            hook.remove()
-        self._hooks.clear()
+        self._unhook()
         super().remove()
-        self._current = self._ref = self._ref_eps = self._conditioner = None
+        self.conditioner = None
 
-    def move_to(self, layout: UNetLayout, model_name: str) -> None:
-        """The hires pass runs another UNet (a hires checkpoint): carry the hooks over when it
-        has the same architecture, refuse clearly otherwise."""
-        if not same_architecture(self.layout, layout):
-            raise FamRequestError(
-                f"FAM: the hires checkpoint {model_name} has a different architecture from the "
-                "first-pass model; FAM needs both passes on the same kind of model "
-                "(SD1.x, SD2.x or SDXL). Choose a hires checkpoint of the same kind or turn FAM off.")
-        hooked = bool(self._hooks)
+    def _unhook(self) -> None:
         for hook in reversed(self._hooks):
             hook.remove()
         self._hooks.clear()
-        self.layout = layout
-        self.layers = layout.am_layers(self.params.am_block_indices, model_name=model_name)
+
+    def set_layers(self, layers) -> None:
+        """Carry the hooks over to another UNet's layers."""
+        hooked = bool(self._hooks)
+        self._unhook()
+        super().set_layers(layers)
         if hooked:
             self.install()
 
-    def report(self) -> dict[str, str]:
-        out = super().report()
-        run = self.run
-        if (self._hires_unet_calls and self.params.am_active and not self._switched
-                and run.am_calls == 0 and not run.am_skipped):
-            out["FAM note"] = "AM did not run: the UNet never called its attn1 layers"
-        return out
+    def call(self, forward: Callable, x, sigma, kwargs: dict):
+        """One inner-model call as a FAM call, at the σ of its CFG call (read there once)."""
+        roles = self.cursor.take(x.shape[0])
+        s = self.sigma if self.sigma is not None else self._read_sigma(sigma)
+        self.open_call(s, roles, x, _Inputs(x, sigma, kwargs, self.vp, forward))
+        return self.inside(forward, x, sigma, **kwargs)
 
-    # ---- per pass ------------------------------------------------------------------
-    def _on_pass(self, p, sampler, reference) -> None:
+    def _read_sigma(self, sigma) -> float:
+        """σ of an inner call made outside a CFG call (the timestep denoisers pass t)."""
+        s = float(sigma.flatten()[0])
+        return self.schedule.t_to_sigma(s) if self.vp else s
+
+    def _replay_native(self, call: NativeCall, current: _Current) -> None:
+        z, s_in = call.inputs.for_denoiser(call.sigma, self.vp, self.schedule)
+        self.inside(current.inputs.forward, z, s_in, **call.inputs.kwargs)
+
+    def _replay_reference(self, z, sigma, current: _Current) -> None:
+        cur = current.inputs
+        self.inside(cur.forward, z, cur.sigma_in,
+                    **native_cond(cur.kwargs, z.shape[-2:], self.conditioner))
+
+
+class A1111Generation(WebUIGeneration):
+    """FAM for one batch of one A1111 generation (one `p.sample` call)."""
+
+    def __init__(self, params: FamParams, layout: UNetLayout, schedule: VPSchedule,
+                 model_name: str = "this model"):
+        super().__init__(params, layout, schedule, model_name)
+        self.hooks = A1111Hooks(self.run, self.layers, schedule)
+
+    def _on_pass(self, p, sampler) -> None:
+        self.hooks.vp = self._vp
         if self.mode == "hires":
-            layout = unet_layout(p.sd_model)
-            if layout.layers[0].module is not self.layout.layers[0].module:
-                self.move_to(layout, model_name(p.sd_model))
-            self._conditioner = getattr(p.sd_model, "conditioner", None)
-            if reference is not None:
-                eps = self.noise
-                self._ref = reference.to(eps.device, eps.dtype)
-                self._ref_eps = F.interpolate(eps.float(), size=tuple(reference.shape[-2:]),
-                                              mode="nearest").to(eps.dtype)
+            self.move_to(unet_layout(p.sd_model), model_name(p.sd_model))
+            self.hooks.conditioner = getattr(p.sd_model, "conditioner", None)
         self._wrap_inner(sampler.model_wrap_cfg)
 
     def _on_cfg_call(self, x, sigma, args, kwargs) -> None:
         cond = kwargs["cond"] if "cond" in kwargs else (args[1] if len(args) > 1 else None)
-        self._cursor.reset(cfg_roles(cond_repeats(cond, x.shape[0]), x.shape[0]))
+        self.hooks.cursor.reset(a1111_roles(cond_repeats(cond, x.shape[0]), x.shape[0]))
 
     def _wrap_inner(self, cfg: Any) -> None:
         inner = cfg.inner_model
-        inner_forward, vp = inner.forward, self._vp
+        inner_forward = inner.forward
 
         def inner_call(x, sigma, **kwargs):
-            roles = tuple(self._cursor.take(x.shape[0]))
-            s, hw = self.sigma_of(sigma, vp), tuple(x.shape[-2:])
-            if self.mode == "native":
-                payload = _NativeCall(s, roles, x, sigma, kwargs, vp)
-                self.run.begin_call(s, roles, hw, replay=payload)
-            else:
-                self._hires_unet_calls += 1
-                self._current = (x, sigma, kwargs, roles, inner_forward)
-                self.run.begin_call(s, roles, hw)
-            return self._unet(inner_forward, x, sigma, **kwargs)
+            return self.hooks.call(inner_forward, x, sigma, kwargs)
 
         self.patch(inner, "forward", inner_call)
 
-    def _unet(self, fn, *args, **kwargs):
-        self.in_unet_call = True
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            self.in_unet_call = False
-
-    def _replay(self, payload) -> None:
-        """FamRun's replay, through the denoiser of the pass being guided: re-run a recorded
-        native call, or (reference path, payload = σ) run the native-size UNet on the
-        reference re-noised to σ for the current call's rows."""
-        x, sigma_in, kwargs, roles, forward = self._current
-        if isinstance(payload, _NativeCall):
-            z, s_in = payload.inputs(self._vp, self.schedule)
-            self.run.begin_call(payload.sigma, payload.roles, z.shape[-2:])
-            self._replay_unet(forward, z, s_in, payload.kwargs)
-            return
-        if len(roles) != x.shape[0]:
-            return  # rows without a role: no maps, the call is skipped and reported
-        sigma = float(payload)
-        idx = [r.image for r in roles]
-        z = noised_reference(self._ref[idx], self._ref_eps[idx], sigma, vp=self._vp).to(x.dtype)
-        self.run.begin_call(sigma, roles, z.shape[-2:])
-        self._replay_unet(forward, z, sigma_in, native_cond(kwargs, z.shape[-2:], self._conditioner))
-
-    def _replay_unet(self, forward, z, sigma_in, kwargs) -> None:
-        with native_size_call():
-            self._unet(forward, z, sigma_in, **kwargs)
-
 
 class A1111Host:
-    """`Host` for AUTOMATIC1111: one `FamGeneration` per batch on the loaded sd_model."""
+    """`Host` for AUTOMATIC1111: one `A1111Generation` per batch on the loaded sd_model."""
 
-    def generation(self, p, params: FamParams) -> FamGeneration:
+    def generation(self, p, params: FamParams) -> A1111Generation:
         sd_model = p.sd_model
         try:
-            return FamGeneration(params, unet_layout(sd_model), model_schedule(sd_model),
-                                 model_name(sd_model))
+            return A1111Generation(params, unet_layout(sd_model), model_schedule(sd_model),
+                                   model_name(sd_model))
         except LayerSelectionError as e:
             raise FamRequestError(str(e)) from e
 

@@ -110,6 +110,16 @@ def _current_sigma(scheduler, t, schedule: VPSchedule) -> float:
     return schedule.t_to_sigma(float(t))
 
 
+def _start_index(scheduler, strength: float) -> int:
+    """Index into `scheduler.timesteps` where a pass at denoising `strength` starts: the
+    first model call of step ⌊n·(1 − strength)⌋ of the n steps (at least one step runs). A
+    scheduler of `order` k (Heun: 2) lists k timesteps per step, so a step starts at every
+    k-th entry; starting between them would begin inside a step and never denoise."""
+    order = getattr(scheduler, "order", 1)
+    n = -(-len(scheduler.timesteps) // order)   # Heun: 2n - 1 entries for n steps
+    return min(int(n * (1.0 - strength)), n - 1) * order
+
+
 def _unet_call(unet, x, t, cond: CfgCond):
     return unet(x, t, encoder_hidden_states=cond.states, added_cond_kwargs=cond.added).sample
 
@@ -147,9 +157,9 @@ def _denoise(unet, scheduler, latents, timesteps, cond: CfgCond, guidance_scale:
 def _guide_corrector(scheduler, run: FamRun) -> list[float]:
     """UniPC's corrector rebuilds the current latent inside `step()` from the previous one,
     dropping FM's edit, and its predictor then starts from the rebuilt latent: FM edits that
-    one too, at the step's σ, so the sampler's own update uses the FM latent (spec §1 step 4).
-    Patches this pass's own scheduler instance; returns the cell the loop keeps at the σ of
-    the current step."""
+    one too, at the step's σ, so the sampler's own update uses the FM latent
+    (docs/method.md §1 step 4). Patches this pass's own scheduler instance; returns the cell
+    the loop keeps at the σ of the current step."""
     step_sigma = [0.0]
     correct = getattr(scheduler, "multistep_uni_c_bh_update", None)
     if correct is not None:
@@ -217,7 +227,7 @@ def generate(unet, scheduler, cond: CfgCond, *, native_hw, hires_hw, steps: int,
     hires_sched = type(scheduler).from_config(scheduler.config)
     hires_sched.set_timesteps(hires_steps or steps, device=dev)
     strength = 1.0 if params.enabled and params.full_renoise else denoising_strength
-    t_start = min(int(len(hires_sched.timesteps) * (1.0 - strength)), len(hires_sched.timesteps) - 1)
+    t_start = _start_index(hires_sched, strength)
     if t_start and hasattr(hires_sched, "set_begin_index"):
         hires_sched.set_begin_index(t_start)
     hires_timesteps = hires_sched.timesteps[t_start:]

@@ -16,8 +16,8 @@ try:  # every WebUI serves its API with FastAPI (a gradio dependency)
 except ImportError:  # CI, standalone use: no web server to keep quiet
     _QuietApiError = Exception
 
-__all__ = ["FamRequestError", "decode_args", "infotext_value", "fields", "XYZ_ATTR",
-           "with_xyz_override", "apply_xyz_overrides"]
+__all__ = ["FamRequestError", "decode_args", "infotext_value", "screen_pasted_infotext",
+           "fields", "XYZ_ATTR", "with_xyz_override", "apply_xyz_overrides"]
 
 XYZ_ATTR = "_fam_xyz"  # per-cell overrides live on the XYZ copy of p, never in a global
 
@@ -42,62 +42,78 @@ def fields() -> tuple[dataclasses.Field, ...]:
     return dataclasses.fields(FamParams)
 
 
-def _is_int(f: dataclasses.Field) -> bool:
-    return f.type in ("int", int)
+def _field(name: str) -> dataclasses.Field:
+    return next(f for f in fields() if f.name == name)
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Gradio sliders deliver whole numbers as floats (8192.0): give int fields an int."""
-    f = next((f for f in fields() if f.name == name), None)
-    if f is not None and _is_int(f) and isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
+def _as_request_error(decode):
+    """Run one decoding step; whatever goes wrong in it is the request's error (the script
+    runner would swallow any other exception, and the user get a plain image)."""
+    try:
+        return decode()
+    except FamRequestError:
+        raise
+    except FamParamError as e:
+        raise FamRequestError(str(e)) from e
+    except Exception as e:  # a value no check foresaw: still the request's, never silent
+        raise FamRequestError(f"FAM settings could not be read ({type(e).__name__}: {e}); "
+                              f"expected a dict of settings ({', '.join(FamParams.names())}) "
+                              "in args[0] or these values in this order") from e
 
 
 def decode_args(args: Sequence[Any]) -> FamParams:
     """The script's args as FamParams: a dict in `args[0]` (API; the WebUI fills the other
     slots with UI defaults, which are then ignored) or positional values in field order
     (UI, positional API form). Raises FamRequestError naming the bad key."""
-    try:
+    def decode():
         if args and isinstance(args[0], Mapping):
-            return FamParams.from_dict({k: _coerce(k, v) for k, v in args[0].items()})
-        names = FamParams.names()
-        return FamParams.from_positional([_coerce(n, v) for n, v in zip(names, args)]
-                                         + list(args[len(names):]))
-    except FamParamError as e:
-        raise FamRequestError(str(e)) from e
-    except TypeError as e:  # a non-string dict key
-        raise FamRequestError(f"FAM args: {e}") from e
+            return FamParams.from_dict(args[0])
+        return FamParams.from_positional(list(args))
+    return _as_request_error(decode)
 
 
 def infotext_value(info: Mapping[str, Any], name: str) -> Any:
-    """One setting parsed from infotext fields, or None when absent (paste leaves the
-    control unchanged). `enabled` is False when the infotext has no FAM entry, so pasting a
-    non-FAM image turns FAM off."""
-    f = next(f for f in fields() if f.name == name)
-    key = f.metadata["infotext"]
+    """One setting parsed from infotext fields, or None when absent or set aside by
+    `screen_pasted_infotext` (paste leaves the control unchanged). `enabled` is False when
+    the infotext has no FAM entry, so pasting a non-FAM image turns FAM off. A malformed
+    value raises FamRequestError: the API's `infotext` field answers 422 naming it."""
+    key = _field(name).metadata["infotext"]
     if key not in info:
         return False if name == "enabled" else None
-    try:
-        return getattr(FamParams.from_infotext({key: info[key]}), name)
-    except FamParamError as e:
-        raise FamRequestError(str(e)) from e
+    if info[key] is None:
+        return None
+    return _as_request_error(lambda: getattr(FamParams.from_infotext({key: info[key]}), name))
+
+
+def screen_pasted_infotext(infotext: str, params: dict) -> None:
+    """The WebUI's `on_infotext_pasted` callback (the UI's paste and PNG Info, not the API):
+    a FAM entry that does not parse is set to None, so the paste leaves its control
+    unchanged, and one line in the log says which entry was ignored and why."""
+    for f in fields():
+        key = f.metadata["infotext"]
+        if params.get(key) is None:
+            continue
+        try:
+            infotext_value(params, f.name)
+        except FamRequestError as e:
+            print(f"FAM: pasted infotext entry '{key}' ignored: {e}")
+            params[key] = None
 
 
 def with_xyz_override(p: Any, name: str, value: Any) -> None:
     """XYZ `apply`: store one override on this cell's copy of p (a new dict, since the copy
-    is shallow and must not share it with other cells)."""
-    f = next(f for f in fields() if f.name == name)
-    if isinstance(value, str) and f.type not in ("str", str):  # "True" / "False" choices
-        value = infotext_value({f.metadata["infotext"]: value}, name)
-    setattr(p, XYZ_ATTR, {**getattr(p, XYZ_ATTR, {}), name: _coerce(name, value)})
+    is shallow and must not share it with other cells). "True" / "False" choices become
+    booleans; a value that does not parse is kept as it is, for `process` to refuse."""
+    if isinstance(value, str) and _field(name).type not in ("str", str):
+        try:
+            value = infotext_value({_field(name).metadata["infotext"]: value}, name)
+        except FamRequestError:
+            pass
+    setattr(p, XYZ_ATTR, {**getattr(p, XYZ_ATTR, {}), name: value})
 
 
 def apply_xyz_overrides(params: FamParams, p: Any) -> FamParams:
     overrides = getattr(p, XYZ_ATTR, None)
     if not overrides:
         return params
-    try:
-        return params.replace(**overrides)
-    except FamParamError as e:
-        raise FamRequestError(str(e)) from e
+    return _as_request_error(lambda: params.replace(**overrides))

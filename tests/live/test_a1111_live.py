@@ -164,7 +164,7 @@ def test_plain_generation_after_fam_is_bit_identical():
     assert same_pixels(before, after)
 
 
-# ---- scripts that run process_images again on the same p (issue 7, defect 1) ----------------
+# ---- scripts that run process_images again on the same p ------------------------------------
 def img2img_source(width=FIRST, height=FIRST):
     return generate(**{**BASE, "enable_hr": False, "width": width, "height": height})["images"][0]
 
@@ -196,7 +196,7 @@ def test_img2img_batch_of_two_images_through_sd_upscale():
 
 
 def test_a_fam_error_leaves_the_server_log_quiet():
-    """A user's bad argument is a 422 for the client and no traceback in the log (defect 5)."""
+    """A user's bad argument is a 422 for the client and no traceback in the log."""
     if not LOG:
         pytest.skip("FAM_A1111_LOG is not set")
     start = os.path.getsize(LOG)

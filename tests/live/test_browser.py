@@ -154,6 +154,30 @@ def test_accordion_controls_labels_defaults_and_tooltips(page, fields, tab):
                                                   f.metadata["maximum"], f.metadata["step"]], name
 
 
+@pytest.mark.parametrize("tab", ["txt2img", "img2img"])
+def test_engine_settings_sit_in_a_collapsed_advanced_group(page, fields, tab):
+    group = fam_id(tab, "advanced")
+    inside = ("return !!gradioApp().getElementById(arguments[0]) && gradioApp()"
+              ".getElementById(arguments[0]).closest('#' + arguments[1]) !== null")
+    assert page.js(inside, group, fam_id(tab, "enabled")), "no Advanced group in the accordion"
+    assert page.text(group).strip().startswith("Advanced")
+    for name, f in fields.items():
+        if name != "enabled":
+            assert page.js(inside, fam_id(tab, name), group) is f.metadata["advanced"], name
+    opened = ("return gradioApp().querySelector('#' + arguments[0] + ' .label-wrap')"
+              ".classList.contains('open')")
+    assert not page.js(opened, group)
+    if tab == "img2img":   # opening img2img's FAM accordion would tick FAM there
+        return
+    page.tick(fam_id(tab, "enabled"), True)
+    budget = fam_id(tab, "record_budget_mb")
+    assert page.shown(fam_id(tab, "am_lambda")) and not page.shown(budget)
+    page.js("gradioApp().querySelector('#' + arguments[0] + ' .label-wrap').click()", group)
+    page.wait(lambda: page.shown(budget), 10, "the Advanced group to open")
+    page.js("gradioApp().querySelector('#' + arguments[0] + ' .label-wrap').click()", group)
+    page.wait(lambda: not page.shown(budget), 10, "the Advanced group to close")
+
+
 def test_hint_shows_while_fam_is_on_and_hires_fix_off(page):
     hint = fam_id("txt2img", "hint")
     page.tick("txt2img_hr", False)

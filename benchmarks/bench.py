@@ -1,15 +1,11 @@
-"""Benchmark: native pass + plain Hires fix vs native pass + FAM hires pass, per engine.
+"""Benchmark: native pass + plain Hires fix vs native pass + FAM hires pass, per engine
+(`benchmarks.engines`: the diffusers engine and the A1111 host on an ldm-named UNet). Same
+UNet, sampler (Euler), steps, sizes, seed and noise for plain and FAM; runs alternate after
+a one-step warm-up of each; medians. Run from the repository root:
 
-Engines: `diffusers` (fam.hosts.diffusers.generate on a diffusers UNet2DConditionModel) and
-`a1111` (the A1111 adapter — CFG-denoiser and inner-model wrappers, Attn1Hook, RowCursor — on
-a UNet with ldm module names, driven as A1111 drives it: fam.bench_ldm). Same UNet size,
-sampler (Euler), steps, sizes, seed and noise for plain and FAM; runs alternate after a
-one-step warm-up of each; medians. Random weights: the real SD1.5 / SDXL sizes on CUDA (fp16),
-a small preset with the same block layouts on CPU.
-
-    python -m fam.bench --preset cpu            # what docs/benchmarks.md records for CPU
-    python -m fam.bench --preset gpu            # one H100, < 8 min, the issue's table last
-    python -m fam.bench --engine a1111 --arch sdxl --scale 2 --device cuda --split --json
+    python -m benchmarks.bench --preset cpu            # what docs/benchmarks.md records for CPU
+    python -m benchmarks.bench --preset gpu            # one H100, < 8 min, the table last
+    python -m benchmarks.bench --engine a1111 --arch sdxl --scale 2 --device cuda --split --json
 
 Columns: time FAM/plain; extra peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: peak
 RSS of a fresh, warmed-up process per variant); the record's size, the host memory FAM
@@ -31,42 +27,18 @@ import time
 
 import torch
 
-from .params import FamParams
+from fam.params import FamParams
 
-# Real architecture configs (diffusers names); native latent size in the last element.
-ARCHS = {
-    "sd15": (dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                  cross_attention_dim=768, attention_head_dim=8), 64),
-    "sdxl": (dict(block_out_channels=(320, 640, 1280), layers_per_block=2,
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                  transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-                  cross_attention_dim=2048, use_linear_projection=True,
-                  addition_embed_type="text_time", addition_time_embed_dim=256,
-                  projection_class_embeddings_input_dim=2816), 128),
-}
-# CPU preset: same layouts, narrow channels, shallow SDXL transformers, small latents.
-CPU_PRESET = {
-    "sd15": (dict(block_out_channels=(32, 64, 128, 128), cross_attention_dim=64,
-                  attention_head_dim=4, norm_num_groups=16), 32),
-    "sdxl": (dict(block_out_channels=(32, 64, 128), transformer_layers_per_block=(1, 2, 3),
-                  attention_head_dim=(2, 4, 4), cross_attention_dim=64,
-                  addition_time_embed_dim=8, projection_class_embeddings_input_dim=64 + 6 * 8,
-                  norm_num_groups=16), 32),
-}
-SCHED = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-ENGINES = ("diffusers", "a1111")
+from .engines import ARCHS, ENGINES, make_engine
+
 FAM = FamParams(enabled=True)
 SPLIT = {"FM": FAM.replace(am_enabled=False),
          "AM": FAM.replace(fm_enabled=False, record_offload=False),
          "AM offloaded": FAM.replace(fm_enabled=False)}
-# the issue's targets: time FAM/plain, extra device memory (GiB), host memory / record bytes
+# targets: time FAM/plain, extra device memory (GiB)
 TARGETS = {("sd15", 2): 1.02, ("sd15", 3): 1.02, ("sd15", 4): 1.02,
            ("sdxl", 2): 1.03, ("sdxl", 3): 1.01, ("sdxl", 4): 1.01}
 EXTRA_GIB = {"sd15": 0.25, "sdxl": 0.5}
-HOST_RATIO = 1.05
 PRESETS = {
     "cpu": dict(device="cpu", engine=list(ENGINES), arch=["sd15", "sdxl"], scale=[2], steps=10,
                 repeats=3, split=True, am_layer=True),
@@ -74,52 +46,6 @@ PRESETS = {
                 steps=10, repeats=2, split=True, split_steps=5, am_layer=True,
                 split_engines=["a1111"], split_scales=[2], deadline_s=400),
 }
-
-
-class DiffusersEngine:
-    """fam.hosts.diffusers.generate: Euler, CFG batch uncond-then-cond."""
-
-    name = "diffusers"
-
-    def __init__(self, arch: str, device: str):
-        from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
-        from .hosts.diffusers import CfgCond
-        config, native = ARCHS[arch]
-        config = dict(config)
-        if device == "cpu":
-            small, native = CPU_PRESET[arch]
-            config.update(small)
-        dtype = torch.float16 if device == "cuda" else torch.float32
-        torch.manual_seed(0)
-        with torch.device(device):
-            self.unet = UNet2DConditionModel(sample_size=native, **config).eval()
-        self.unet.to(dtype)
-        g = torch.Generator().manual_seed(0)
-        ctx = config["cross_attention_dim"]
-        self.cond = CfgCond(torch.randn(2, 77, ctx, generator=g).to(device, dtype))
-        if "addition_embed_type" in config:
-            text = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-            size = float(native * 8)
-            self.cond.added = {"text_embeds": torch.randn(2, text, generator=g).to(device, dtype),
-                               "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2,
-                                                        device=device, dtype=dtype)}
-        self.sched = EulerDiscreteScheduler(**SCHED)
-        self.native = native
-
-    def run(self, scale: int, steps: int, params: FamParams | None):
-        from .hosts.diffusers import generate
-        n = self.native
-        result = generate(self.unet, self.sched, self.cond, native_hw=(n, n),
-                          hires_hw=(n * scale, n * scale), steps=steps,
-                          params=params or FamParams())
-        return result.run
-
-
-def make_engine(name: str, arch: str, device: str):
-    if name == "a1111":
-        from .bench_ldm import A1111Engine
-        return A1111Engine(arch, device)
-    return DiffusersEngine(arch, device)
 
 
 def _sync(device):
@@ -208,8 +134,8 @@ def am_layer(arch: str, scale: int, device: str, iters: int = 20, clock=time.per
     """One AM layer of the default block (SDXL: output_blocks.0-2, SD1.5: output_blocks.3-5),
     CFG batch 2: the plain layer, the whole AM layer, and the AM parts on their own."""
     import torch.nn.functional as F
-    from .attention import AmContext, am_self_attention, pool_keys, split_heads
-    from .bench_ldm import LDM_ARCHS, LDM_CPU, CrossAttention
+    from fam.attention import AmContext, am_self_attention, pool_keys, split_heads
+    from .ldm import LDM_ARCHS, LDM_CPU, CrossAttention
     cfg = (LDM_CPU if device == "cpu" else LDM_ARCHS)[arch]
     level = len(cfg.mult) - 1 if arch == "sdxl" else 2
     C, heads = cfg.channels * cfg.mult[level], cfg.heads[level]
@@ -261,7 +187,7 @@ _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
 
 def _cpu_peak(engine, arch, scale, steps, fam) -> int:
     """Peak-RSS growth of one run in a fresh process."""
-    cmd = [sys.executable, "-m", "fam.bench", "--_peak", engine, arch, str(scale), str(steps),
+    cmd = [sys.executable, "-m", "benchmarks.bench", "--_peak", engine, arch, str(scale), str(steps),
            str(int(fam))]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **_MALLOC_ENV)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
@@ -278,7 +204,7 @@ def _peak_child(engine, arch, scale, steps, fam) -> None:
     CUDA's max_memory_allocated. Both variants first run one step, so code pages, FFT plans
     and thread pools are resident in either case."""
     import diffusers  # noqa: F401  (library pages are not the model's memory)
-    from .hosts import diffusers as _host, a1111 as _a1111  # noqa: F401
+    from fam.hosts import diffusers as _host, a1111 as _a1111  # noqa: F401
     before = _status_kib("VmRSS")
     eng = make_engine(engine, arch, "cpu")
     for warm in (None, FAM):
@@ -345,7 +271,7 @@ def main(argv=None) -> int:
     if argv and argv[0] == "--_peak":
         _peak_child(*argv[1:6])
         return 0
-    ap = argparse.ArgumentParser(prog="python -m fam.bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS),
                     help="a recorded configuration (PRESETS); options given explicitly win")
     ap.add_argument("--engine", nargs="+", choices=ENGINES, default=["diffusers"])

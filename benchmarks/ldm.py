@@ -1,30 +1,27 @@
-"""The A1111 engine of the benchmark: a UNet with ldm/sgm module names and structure, driven
-the way AUTOMATIC1111 drives it, with FAM through the A1111 adapter (fam.hosts.a1111).
+"""Stand-ins, from our own small classes, for what FAM meets in the WebUIs: a UNet with the
+module names and structure of ldm's `openaimodel.UNetModel` (`input_blocks`, `middle_block`,
+`output_blocks`, `SpatialTransformer` at index 1 of a block, `transformer_blocks.N.attn1`),
+so layer discovery and FAM's hooks see what they see in A1111 and Forge, and A1111's sampler
+stack around it: k-diffusion's discrete-schedule denoiser, the CFG denoiser, Euler.
 
-The UNet has the module tree of ldm's `openaimodel.UNetModel` (`input_blocks`, `middle_block`,
-`output_blocks`, `SpatialTransformer` at index 1 of a block, `transformer_blocks.N.attn1`), so
-layer discovery and `Attn1Hook` see what they see in the WebUI; its attention forward is the
-fused SDPA one A1111 installs by default. The sampler stack is A1111's: a CFG denoiser that
-builds the cond-then-uncond batch and combines the outputs, around a k-diffusion `CompVis`
-denoiser (σ → t, input scaling) around the UNet, stepped by Euler on the model's discrete
-σ schedule. Random weights: the cost does not depend on them."""
+The benchmark's A1111 engine runs them at real SD1.5/SDXL sizes; the tests' miniature
+WebUIs (tests/a1111_like.py, tests/forge_like.py) run them at a few thousand parameters.
+Random weights: what FAM does does not depend on them."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from types import SimpleNamespace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hosts.a1111 import FamGeneration
-from .layers import discover
-from .params import FamParams
-from .schedule import VPSchedule
+from fam.schedule import VPSchedule
 
-__all__ = ["LdmConfig", "LDM_ARCHS", "LdmUNet", "A1111Engine"]
+__all__ = ["LdmConfig", "LDM_ARCHS", "LDM_CPU", "SD_BETAS", "SD_SCHEDULE", "LdmUNet", "CrossAttention",
+           "BasicTransformerBlock", "Denoiser", "CFG", "euler"]
 
 
 @dataclass(frozen=True)
@@ -46,17 +43,22 @@ LDM_ARCHS = {
     "sdxl": LdmConfig(mult=(1, 2, 4), depth=(0, 2, 10), heads=(5, 10, 20), middle_depth=10,
                       context_dim=2048, adm_dim=2816, linear=True, native=128),
 }
-# the CPU preset: the same layouts as fam.bench's diffusers CPU preset
+# the benchmark's CPU preset: the same layouts as its diffusers CPU preset
 LDM_CPU = {
     "sd15": replace(LDM_ARCHS["sd15"], channels=32, heads=(4,) * 4, context_dim=64, groups=16,
                     native=32),
     "sdxl": replace(LDM_ARCHS["sdxl"], channels=32, depth=(0, 2, 3), heads=(2, 4, 4),
                     middle_depth=3, context_dim=64, adm_dim=112, groups=16, native=32),
 }
+# SD's scaled-linear noise schedule
+SD_BETAS = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+SD_SCHEDULE = VPSchedule(torch.cumprod(1 - SD_BETAS, 0))
 
 
 # ---- the UNet ------------------------------------------------------------------------
 class CrossAttention(nn.Module):
+    """ldm's attention module with the fused SDPA forward A1111 installs by default."""
+
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
         self.heads, self.scale = heads, (dim // heads) ** -0.5
@@ -101,8 +103,11 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = CrossAttention(dim, heads, context_dim)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim) for _ in range(3))
 
-    def forward(self, x, context):
-        x = self.attn1(self.norm1(x)) + x
+    def self_attention(self, x, transformer_options=None):
+        return self.attn1(self.norm1(x))
+
+    def forward(self, x, context, transformer_options=None):
+        x = self.self_attention(x, transformer_options) + x
         x = self.attn2(self.norm2(x), context=context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -118,7 +123,7 @@ class SpatialTransformer(nn.Module):
             BasicTransformerBlock(ch, heads, cfg.context_dim) for _ in range(depth))
         self.proj_out = proj()
 
-    def forward(self, x, context):
+    def forward(self, x, context, transformer_options=None):
         b, c, h, w = x.shape
         t = self.norm(x)
         if not self.linear:
@@ -126,8 +131,10 @@ class SpatialTransformer(nn.Module):
         t = t.flatten(2).transpose(1, 2)
         if self.linear:
             t = self.proj_in(t)
-        for block in self.transformer_blocks:
-            t = block(t, context)
+        for i, block in enumerate(self.transformer_blocks):
+            if transformer_options is not None:
+                transformer_options["block_index"] = i
+            t = block(t, context, transformer_options)
         if self.linear:
             t = self.proj_out(t)
         t = t.transpose(1, 2).reshape(b, c, h, w)
@@ -161,21 +168,27 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    """Nearest ×2, or to the skip connection's size (odd latent sizes), then a conv."""
+
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x, size=None):
+        x = F.interpolate(x, size=size, mode="nearest") if size is not None else \
+            F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x)
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    def forward(self, x, emb, context):
+    def forward(self, x, emb, context, size=None, transformer_options=None):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, transformer_options)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
             else:
                 x = layer(x)
         return x
@@ -189,7 +202,9 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class LdmUNet(nn.Module):
-    """forward(x, timesteps, context, y=None) -> eps, as ldm's UNetModel."""
+    """forward(x, timesteps, context, y=None) -> ε, as ldm's UNetModel; `y` (SDXL's vector)
+    is used when the config has `adm_dim`. `transformer_options`: the dict Forge's UNet
+    carries through its blocks, with the keys it sets (`block`, `block_index`)."""
 
     def __init__(self, cfg: LdmConfig):
         super().__init__()
@@ -230,152 +245,122 @@ class LdmUNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(cfg.groups, ch), nn.SiLU(),
                                  nn.Conv2d(mc, 4, 3, padding=1))
 
-    def forward(self, x, timesteps, context, y=None):
+    def forward(self, x, timesteps, context, y=None, transformer_options=None):
+        opts = transformer_options
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.channels).to(x.dtype))
-        if y is not None:
+        if y is not None and self.cfg.adm_dim:
             emb = emb + self.label_emb(y)
         hs, h = [], x
-        for block in self.input_blocks:
-            h = block(h, emb, context)
+        for i, block in enumerate(self.input_blocks):
+            if opts is not None:
+                opts["block"] = ("input", i)
+            h = block(h, emb, context, transformer_options=opts)
             hs.append(h)
-        h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
+        if opts is not None:
+            opts["block"] = ("middle", 0)
+        h = self.middle_block(h, emb, context, transformer_options=opts)
+        for i, block in enumerate(self.output_blocks):
+            if opts is not None:
+                opts["block"] = ("output", i)
+            h = torch.cat([h, hs.pop()], dim=1)
+            h = block(h, emb, context, hs[-1].shape[-2:] if hs else None, transformer_options=opts)
         return self.out(h)
 
 
 # ---- A1111's sampler stack -------------------------------------------------------------
-class CompVisDenoiser(nn.Module):
-    """k-diffusion's discrete-schedule ε denoiser: D(x, σ) = x − σ·ε(x/√(σ²+1), t(σ))."""
+def sigma_to_t(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
+    """Log-σ interpolation on the device, without a host round trip (as k-diffusion)."""
+    ls = log_sigmas.to(sigma.device)
+    x = sigma.float().log()
+    low = (x[:, None] >= ls[None]).sum(1).clamp(1, len(ls) - 1) - 1
+    frac = ((x - ls[low]) / (ls[low + 1] - ls[low])).clamp(0, 1)
+    return low + frac
 
-    def __init__(self, unet: LdmUNet, schedule: VPSchedule):
+
+class Denoiser(nn.Module):
+    """k-diffusion's discrete-schedule ε denoiser (`CompVisDenoiser`): σ in, x₀ out,
+    D(x, σ) = x − σ·ε(x/√(σ²+1), t(σ)); or, with `vp`, the timestep denoiser of DDIM/UniPC:
+    t and a VP latent in, ε out. `cond`: {"c_crossattn": [context], "vector": y (SDXL)}.
+    `log`, when a list, gets (latent hw, cond) of every call."""
+
+    def __init__(self, unet: nn.Module, vp: bool = False, schedule: VPSchedule = SD_SCHEDULE,
+                 log: list | None = None):
         super().__init__()
-        self.unet = unet
+        self.unet, self.vp, self.log = unet, vp, log
         self.log_sigmas = schedule.log_sigmas.float()
 
-    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Log-σ interpolation on device, without a host round trip (as k-diffusion)."""
-        ls = self.log_sigmas.to(sigma.device)
-        x = sigma.float().log()
-        low = (x[:, None] >= ls[None]).sum(1).clamp(1, len(ls) - 1) - 1
-        frac = ((x - ls[low]) / (ls[low + 1] - ls[low])).clamp(0, 1)
-        return low + frac
-
     def forward(self, x, sigma, cond):
+        if self.log is not None:
+            self.log.append((tuple(x.shape[-2:]), cond))
+        context, y = cond["c_crossattn"][0], cond.get("vector")
+        if self.vp:
+            return self.unet(x, sigma, context, y)
         c_in = (sigma ** 2 + 1) ** -0.5
-        eps = self.unet(x * c_in[:, None, None, None].to(x.dtype), self.sigma_to_t(sigma),
-                        torch.cat(cond["c_crossattn"]), cond.get("c_adm"))
+        eps = self.unet(x * c_in[:, None, None, None].to(x.dtype), sigma_to_t(sigma, self.log_sigmas),
+                        context, y)
         return x - sigma[:, None, None, None].to(x.dtype) * eps
 
 
-class CFGDenoiser(nn.Module):
-    """A1111's CFG denoiser: per image its cond rows (one per AND part), then the uncond rows,
-    in one inner-model call; the outputs combined with the CFG scale."""
+class CFG(nn.Module):
+    """A1111's CFG denoiser: per image its cond rows (one per AND part: `cond.batch[i]` lists
+    image i's contexts), then the uncond rows, in one inner-model call, in chunks of `split`
+    rows, or without the uncond rows (`skip_uncond`: every step, or the steps it holds);
+    the outputs combined with the CFG scale. `vector` (SDXL's size conditioning) rides along
+    in the cond dict; `refiner_at` swaps the inner model for `refiner`'s before that call, as
+    A1111's refiner switch does; `log` is handed to the denoiser."""
 
-    def __init__(self, denoiser: CompVisDenoiser):
+    def __init__(self, unet, vp=False, split=None, skip_uncond=False, vector=None,
+                 refiner_at=None, refiner=None, log=None):
         super().__init__()
-        self.model_wrap = denoiser
+        self.model_wrap = Denoiser(unet, vp, log=log)
+        self.split, self.skip_uncond, self.vector = split, skip_uncond, vector
+        self.refiner_at, self.refiner = refiner_at, refiner
+        self.calls, self.rows_seen = 0, []
 
     @property
     def inner_model(self):
         return self.model_wrap
 
+    def _cond(self, c, a, b):
+        cond = {"c_crossattn": [c[a:b]]}
+        if self.vector is not None:
+            cond["vector"] = self.vector.expand(c.shape[0], -1)[a:b]
+        return cond
+
+    def _skips_uncond(self) -> bool:
+        skip = self.skip_uncond
+        return skip if isinstance(skip, bool) else self.calls in skip
+
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None):
+        if self.calls == self.refiner_at:
+            self.model_wrap = Denoiser(self.refiner, self.model_wrap.vp, log=self.model_wrap.log)
+        skip = self._skips_uncond()
+        self.calls += 1
         parts = cond.batch
+        B = len(parts)
         x_in = torch.cat([x[i:i + 1].expand(len(p), -1, -1, -1) for i, p in enumerate(parts)] + [x])
         s_in = torch.cat([sigma[i:i + 1].expand(len(p)) for i, p in enumerate(parts)] + [sigma])
-        ctx = torch.cat([p.context for ps in parts for p in ps] + [uncond.context])
-        c = {"c_crossattn": [ctx]}
-        if uncond.adm is not None:
-            c["c_adm"] = torch.cat([p.adm for ps in parts for p in ps] + [uncond.adm])
-        out = self.inner_model(x_in, s_in, cond=c)
-        B = x.shape[0]
-        denoised, at = out[-B:].clone(), 0
-        for i, ps in enumerate(parts):
-            for _ in ps:
-                denoised[i] += (out[at] - out[-B + i]) * (cond_scale / len(ps))
-                at += 1
-        return denoised
+        c_in = torch.cat([torch.stack(p) for p in parts] + [uncond])
+        n = x_in.shape[0] - (B if skip else 0)
+        step = self.split or n
+        out = torch.cat([self.inner_model(x_in[a:min(a + step, n)], s_in[a:min(a + step, n)],
+                                          cond=self._cond(c_in, a, min(a + step, n)))
+                         for a in range(0, n, step)])
+        self.rows_seen.append(out.shape[0])
+        den, at = [], 0
+        for i, p in enumerate(parts):
+            cond_out = out[at:at + len(p)].mean(0)
+            den.append(cond_out if skip else out[-B + i] + cond_scale * (cond_out - out[-B + i]))
+            at += len(p)
+        return torch.stack(den)
 
 
-def sample_euler(model, x, sigmas, extra):
+def euler(cfg: Callable, x, sigmas, cond, uncond, scale=5.0, callback=None):
     """k-diffusion's Euler: one denoiser call per step, σ on the device."""
     s_in = x.new_ones(x.shape[0])
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra)
-        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        den = cfg(x, sigmas[i] * s_in, uncond=uncond, cond=cond, cond_scale=scale)
+        if callback is not None:
+            callback({"x": x, "i": i, "denoised": den})
+        x = x + (x - den) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
     return x
-
-
-# ---- the engine -----------------------------------------------------------------------
-class A1111Engine:
-    """Native pass + Hires fix (latent, bicubic, denoising 1.0) as A1111 runs them, plain or
-    with FAM through `FamGeneration` (installed for one generation, removed in `finally`)."""
-
-    name = "a1111"
-
-    def __init__(self, arch: str, device: str, batch: int = 1, cfg: LdmConfig | None = None):
-        cfg = cfg or (LDM_CPU if device == "cpu" else LDM_ARCHS)[arch]
-        dtype = torch.float16 if device == "cuda" else torch.float32
-        self.device, self.dtype, self.native = device, dtype, cfg.native
-        torch.manual_seed(0)
-        with torch.device(device):
-            self.unet = LdmUNet(cfg).eval()
-        self.unet.to(dtype)
-        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-        self.schedule = VPSchedule(torch.cumprod(1 - betas, 0))
-        self.layout = discover(self.unet)
-        g = torch.Generator().manual_seed(0)
-
-        def prompt():
-            adm = torch.randn(1, cfg.adm_dim, generator=g) if cfg.adm_dim else None
-            return SimpleNamespace(
-                context=torch.randn(1, 77, cfg.context_dim, generator=g).to(device, dtype),
-                adm=None if adm is None else adm.to(device, dtype))
-        self.cond = SimpleNamespace(batch=[[prompt()] for _ in range(batch)])
-        self.uncond = prompt()
-        if batch > 1:
-            self.uncond = SimpleNamespace(**{k: None if v is None else v.expand(batch, *v.shape[1:])
-                                             for k, v in vars(self.uncond).items()})
-
-    def sigmas(self, steps: int) -> torch.Tensor:
-        """The model's discrete schedule: t evenly spaced from T−1 to 0, then σ = 0."""
-        ts = torch.linspace(self.schedule.num_train_timesteps - 1, 0, steps)
-        s = [self.schedule.t_to_sigma(float(t)) for t in ts] + [0.0]
-        return torch.tensor(s, dtype=torch.float32, device=self.device)
-
-    def run(self, scale: int, steps: int, params: FamParams | None, seed: int = 0):
-        """One generation; returns its FamRun (None when plain)."""
-        g = torch.Generator().manual_seed(seed)
-        B, n = len(self.cond.batch), self.native
-
-        def noise(size):
-            return torch.randn(B, 4, size, size, generator=g).to(self.device, self.dtype)
-
-        extra = dict(uncond=self.uncond, cond=self.cond, cond_scale=7.0)
-        sigmas = self.sigmas(steps)
-        gen = FamGeneration(params, self.layout, self.schedule, "bench") if params else None
-        p = SimpleNamespace(sd_model=SimpleNamespace(model=SimpleNamespace(diffusion_model=self.unet)))
-
-        def sampler():   # a new one per pass, as A1111's
-            return SimpleNamespace(func=sample_euler,
-                                   model_wrap_cfg=CFGDenoiser(CompVisDenoiser(self.unet, self.schedule)))
-        try:
-            with torch.inference_mode():
-                if gen:
-                    gen.install()
-                first = sampler()
-                if gen:
-                    gen.record_native(p, first, vp=False)
-                native = sample_euler(first.model_wrap_cfg, noise(n) * sigmas[0], sigmas, extra)
-                z0 = F.interpolate(native.float(), size=(n * scale,) * 2, mode="bicubic",
-                                   align_corners=False).to(self.dtype)
-                eps = noise(n * scale)
-                hires = sampler()
-                if gen:
-                    gen.guide_hires(p, hires, z0, eps, vp=False)
-                sample_euler(hires.model_wrap_cfg, z0 + eps * sigmas[0], sigmas, extra)
-            return gen.run if gen else None
-        finally:
-            if gen:
-                gen.remove()
