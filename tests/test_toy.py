@@ -162,7 +162,7 @@ def test_copy_metrics_pass_copies_and_reject_everything_else(scale):
 
 
 def test_copy_agreement_threshold_separates_copies_from_independent_textures():
-    """The threshold (0.6) lies above every pair of independent world textures."""
+    """The threshold (0.6) lies above independent world textures (all 100 pairs here)."""
     g = torch.Generator().manual_seed(11)
     x, y = (WORLDS["copies"].images(100, g).permute(0, 2, 3, 1).numpy() for _ in range(2))
     values = []

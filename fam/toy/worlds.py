@@ -12,7 +12,7 @@ size.)
 
 `copies` (world 3, long-range correspondence): TWO identical 8×8 px patches of one random
 fine texture at distant places (centres ≥ 16 px apart), random colour, black background.
-The texture is white noise with each 2×2 cell's mean removed: it lies almost entirely
+The texture is random bits with each 2×2 cell's mean removed: it lies almost entirely
 outside FM's guided band, and no local computation can make the second copy from the first
 — only self-attention can match the two patches position by position (docs/quality.md)."""
 
@@ -63,12 +63,12 @@ def stripe_images(n: int, g: torch.Generator, scale: int = 1) -> torch.Tensor:
 
 
 def _texture(n: int, g: torch.Generator) -> torch.Tensor:
-    """(n, PATCH, PATCH) luminance in [0.31, 0.99]: uniform noise minus the mean of each
+    """(n, PATCH, PATCH) luminance in [0.245, 0.995]: random bits minus the mean of each
     2×2 cell (the cells lie on the model's 16×16 token grid), so only the finest frequencies
     carry it: 9 % of its variance lies in FM's guided band (plain white noise: 21 %)."""
-    w = torch.rand(n, 1, PATCH, PATCH, generator=g)
+    w = torch.randint(0, 2, (n, 1, PATCH, PATCH), generator=g).float()
     cell = F.avg_pool2d(w, 2).repeat_interleave(2, -2).repeat_interleave(2, -1)
-    return (0.65 + 0.45 * (w - cell))[:, 0]
+    return (0.62 + 0.5 * (w - cell))[:, 0]
 
 
 def _places(g: torch.Generator) -> list[tuple[int, int]]:
@@ -83,7 +83,7 @@ def _places(g: torch.Generator) -> list[tuple[int, int]]:
 
 
 def copies_images(n: int, g: torch.Generator, scale: int = 1) -> torch.Tensor:
-    colour = _colour(n, g, 0.7)
+    colour = _colour(n, g, 0.75)
     texture = _texture(n, g)
     out = torch.zeros(n, 3, 32 * scale, 32 * scale)
     p = PATCH * scale
