@@ -51,9 +51,9 @@ def evaluate(world: str, scales, n: int, batch: int, seed: int, methods, progres
             if k == 0:
                 samples[scale] = imgs
             for name, x in imgs.items():
-                if name == "native" and native_done:
+                s = 1 if _native(name) else scale
+                if s == 1 and native_done:
                     continue
-                s = 1 if name == "native" else scale
                 for img, ref in zip(_np(x), native):
                     for metric, ok in score(world, img, ref, s).items():
                         key = (s, name, metric)
@@ -65,6 +65,11 @@ def evaluate(world: str, scales, n: int, batch: int, seed: int, methods, progres
         out.append(dict(world=world, scale=s, method=name, n=n, metric=metric,
                         value=round(p, 4), se=round(math.sqrt(p * (1 - p) / n), 4)))
     return out, samples
+
+
+def _native(name: str) -> bool:
+    """Rows at the training size (scale 1): the native pass and its variants."""
+    return name.split(":")[0] == "native"
 
 
 def table(rows, world: str, scales) -> str:
@@ -79,7 +84,7 @@ def table(rows, world: str, scales) -> str:
         cells = []
         for s in scales:
             for metric in metrics:
-                r = by.get((1 if m == "native" else s, m, metric))
+                r = by.get((1 if _native(m) else s, m, metric))
                 cells.append(f"{r['value']:.2f} ± {r['se']:.2f}" if r else "")
         lines.append(f"| {method(m).label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -154,10 +159,11 @@ def world_grid(world: str, samples, cols: int):
     model_native = load(world).native
     scales = list(samples)
     first = samples[scales[0]]
-    blocks = [("native", [(METHODS["native"].label, first["native"])])] if "native" in first else []
+    natives = [(method(m).label, x) for m, x in first.items() if _native(m)]
+    blocks = [("native", natives)] if natives else []
     for s in scales:
         blocks.append((f"{s:g}x ({round(model_native * s)} px)",   # PIL's default font has no ×
-                       [(method(m).label, x) for m, x in samples[s].items() if m != "native"]))
+                       [(method(m).label, x) for m, x in samples[s].items() if not _native(m)]))
     w = WORLDS[world]
     title = (f"World {w.number} ({w.name}): tiny model trained on synthetic images: {w.summary}. "
              f"Columns: seeds, same in every row.")
@@ -184,7 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", nargs="+", type=float, default=[2, 3])
     ap.add_argument("--method", nargs="+", default=list(METHODS),
                     help=f"{', '.join(METHODS)} (default: all), or FAM / AM only with one AM "
-                         "setting changed: fam:lambda=0.3, am_only:blocks=2,3")
+                         "setting changed: fam:lambda=0.3, am_only:blocks=2,3; "
+                         "native:attention=off: the native pass without self-attention")
     ap.add_argument("--n", type=int, default=64, help="images per (world, scale, method)")
     ap.add_argument("--batch", type=int, default=16, help="images per generation call")
     ap.add_argument("--seed", type=int, default=0, help="batch k uses seed + k")

@@ -48,12 +48,12 @@ def test_unknown_method_is_a_usage_error(capsys):
 
 def test_json_rows_table_and_grid(tmp_path, capsys):
     args = ["--world", "stripes", "--scale", "1.25", "--method", "hires_1.0", "fam",
-            "--n", "1", "--out", str(tmp_path), "--no-progress", "--threads", "1"]
+            "native:attention=off", "--n", "1", "--out", str(tmp_path), "--no-progress", "--threads", "1"]
     assert main(args + ["--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     rows = out["rows"]
     assert {(r["scale"], r["method"]) for r in rows} == {(1, "native"), (1.25, "hires_1.0"),
-                                                          (1.25, "fam")}
+                                                          (1.25, "fam"), (1, "native:attention=off")}
     assert {r["metric"] for r in rows} == {"one_round_disc", "coherent_stripes",
                                            "native_orientation"}
     for r in rows:
@@ -64,4 +64,5 @@ def test_json_rows_table_and_grid(tmp_path, capsys):
     md = table(rows, "stripes", [1.25])
     assert md.splitlines()[0] == ("| method | 1.25× one round disc | 1.25× coherent stripes "
                                   "| 1.25× native orientation |")
-    assert len(md.splitlines()) == 2 + 3
+    assert len(md.splitlines()) == 2 + 4
+    assert "| native, self-attention off |" in md

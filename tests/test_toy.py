@@ -229,6 +229,25 @@ def test_render_every_method():
         model.render(["famous"], 2, 0)
 
 
+def test_native_pass_without_self_attention():
+    from fam.toy import NO_ATTENTION, self_attention_off
+    model = load("disc")
+    model.steps = 3
+    before = {n: m.processor for n, m in model.unet.named_modules() if n.endswith("attn1")}
+    out = model.render(["native", NO_ATTENTION], 2, seed=1, batch=2)
+    assert out[NO_ATTENTION].shape == out["native"].shape == (2, 3, 32, 32)
+    assert not torch.equal(out[NO_ATTENTION], out["native"])      # the layers did something
+    assert {n: m.processor for n, m in model.unet.named_modules() if n.endswith("attn1")} == before
+    with pytest.raises(RuntimeError), self_attention_off(model.unet):
+        raise RuntimeError("a failed sample")
+    assert {n: m.processor for n, m in model.unet.named_modules() if n.endswith("attn1")} == before
+    again = model.render(["native"], 2, seed=1, batch=2)["native"]
+    assert torch.equal(again, out["native"])                      # nothing leaked
+    with self_attention_off(model.unet):                          # the same as the method
+        x = model.render(["native"], 2, seed=1, batch=2)["native"]
+    assert torch.equal(x, out[NO_ATTENTION])
+
+
 def test_method_variants_change_one_am_setting():
     from fam.toy import method
     m = method("fam:lambda=0.3")
