@@ -189,6 +189,20 @@ def test_training_is_deterministic():
         assert torch.equal(x, y), k
 
 
+def test_training_continues_from_a_checkpoint_of_its_world():
+    from fam.toy.model import load_checkpoint
+    from fam.toy.train import train
+    start = load_checkpoint(CHECKPOINTS / "stripes")
+    unet, prompt, _ = train("stripes", steps=1, batch=2, lr=0.0, warmup=1, ema=0.9, seed=5,
+                            threads=1, progress=False, init=CHECKPOINTS / "stripes")
+    assert torch.equal(prompt, start.prompt)                      # not the seed's prompt
+    for (k, x), y in zip(unet.state_dict().items(), start.unet.state_dict().values()):
+        assert torch.equal(x, y), k                               # lr 0: the weights it started from
+    with pytest.raises(ValueError, match="world 'disc', not 'stripes'"):
+        train("stripes", steps=1, batch=2, lr=0.0, warmup=1, ema=0.9, seed=5, threads=1,
+              progress=False, init=CHECKPOINTS / "disc")
+
+
 @pytest.mark.parametrize("world", list(WORLDS))
 def test_shipped_checkpoints(world):
     st, meta = CHECKPOINTS / f"{world}.safetensors", CHECKPOINTS / f"{world}.json"

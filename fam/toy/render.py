@@ -148,7 +148,7 @@ def self_attention_off(unet: torch.nn.Module):
 
 
 def load(world: str | int = "disc") -> ToyModel:
-    """The shipped model of a world, by name ("disc", "stripes") or number (1, 2)."""
+    """The shipped model of a world, by name ("disc", "stripes", "copies") or number (1–3)."""
     by_number = {w.number: w for w in WORLDS.values()}
     w = by_number.get(world) if isinstance(world, int) else WORLDS.get(world)
     if w is None:
