@@ -34,6 +34,15 @@ class WebUI:
         assert status == 200, schema
         return set(schema["components"]["schemas"]["StableDiffusionProcessingTxt2Img"]["properties"])
 
+    @functools.cached_property
+    def latent_upscaler(self) -> str:
+        """A latent Hires upscaler this WebUI has without downloading anything: "Latent",
+        or ersatzForge's "Latent (antialiased)" where plain "Latent" is gone."""
+        status, modes = self.call("/sdapi/v1/latent-upscale-modes")
+        assert status == 200, modes
+        names = [m["name"] for m in modes]
+        return next(n for n in ("Latent", "Latent (antialiased)", *names) if n in names)
+
     def generate(self, path="/sdapi/v1/txt2img", **body):
         status, r = self.call(path, body)
         assert status == 200, r
@@ -59,5 +68,5 @@ def infotext(r, i=0):
 
 def settings(text):
     """FAM's entries of an infotext's parameter line."""
-    last = text.rsplit("\n", 1)[-1]
+    last = text.rstrip("\n").rsplit("\n", 1)[-1]   # ersatzForge ends it with a newline
     return dict(kv.split(": ", 1) for kv in last.split(", ") if kv.startswith("FAM"))

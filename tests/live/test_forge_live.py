@@ -17,14 +17,15 @@ pytestmark = pytest.mark.skipif(not URL, reason="FAM_FORGE_URL is not set")
 webui = WebUI(URL)
 BASE = {"prompt": "a lighthouse on a cliff", "negative_prompt": "blurry", "steps": 2,
         "width": 128, "height": 128, "sampler_name": "Euler", "scheduler": "Automatic",
-        "cfg_scale": 7, "seed": 7, "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent",
+        "cfg_scale": 7, "seed": 7, "enable_hr": True, "hr_scale": 2,
         "hr_second_pass_steps": 2, "denoising_strength": 0.5}
 FORGE_MAIN = {"hr_cfg": 7, "hr_additional_modules": ["Use same choices"]}   # where they exist
 
 
 def body(**over):
     """BASE with Forge main's Hires fields where this WebUI has them (Classic refuses them)."""
-    return {**BASE, **{k: v for k, v in FORGE_MAIN.items() if k in webui.txt2img_fields}, **over}
+    return {**BASE, "hr_upscaler": webui.latent_upscaler,
+            **{k: v for k, v in FORGE_MAIN.items() if k in webui.txt2img_fields}, **over}
 POSITIONAL = [True, True, 0.5, True, 0.5, "auto", True, 8192, True]   # = FamParams(enabled=True, am_lambda=0.5)
 
 
@@ -64,7 +65,7 @@ def test_dict_and_positional_forms_give_the_same_image():
     ({**fam(), "enable_hr": False}, "Hires. fix"),
 ])
 def test_bad_requests_get_a_422_naming_the_problem(change, key):
-    status, r = webui.call("/sdapi/v1/txt2img", {**BASE, **change})
+    status, r = webui.call("/sdapi/v1/txt2img", body(**change))
     assert status == 422, r
     assert key in r["detail"] and "Traceback" not in str(r)
 
