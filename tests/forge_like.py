@@ -233,8 +233,9 @@ SAMPLERS = {"Euler": (KSampler, "euler"), "DDIM": (TimestepSampler, "ddim"),
 class _Forge:
     """What the Forge flavours add to a1111_like's processing objects."""
 
+    runner = Runner
+
     def _forge(self, web, args, flavor, hr_cfg, max_chunks):
-        self.scripts = Runner(web, args)
         self.flavor, self.max_chunks = flavor, max_chunks
         self.hr_cfg = None if flavor == "classic" else hr_cfg
 
