@@ -197,3 +197,20 @@ def test_a_users_own_masked_img2img_is_still_refused(web, big_model):
     p.image_mask = Image.new("L", (SIZE, SIZE), 255)
     with pytest.raises(Exception, match="does not inpaint"):
         web.process_images(p)
+
+
+# ---- an extension that hands both passes one sampler -------------------------------------
+@pytest.mark.parametrize("budget", [8192, 0], ids=["record", "recompute"])
+def test_one_sampler_object_for_both_passes_still_guides_the_hires_pass(web, model, budget):
+    """Some extensions cache samplers by name (Tiled Diffusion's factory does): the high-res
+    pass on the first pass's sampler object is still a FAM pass, wrapped once."""
+    args = [{"enabled": True, "record_budget_mb": budget}]
+    fresh = web.process_images(web.txt2img(model, args))
+    p = web.txt2img(model, args)
+    cache = {}
+    make = p.create_sampler
+    p.create_sampler = lambda name: cache.setdefault(name, make(name))
+    cached = web.process_images(p)
+    assert fam_keys(cached.infotexts[0]) == fam_keys(fresh.infotexts[0]) and not web.logged
+    torch.testing.assert_close(cached.samples[0], fresh.samples[0])
+    assert left_as_found(model)

@@ -78,6 +78,21 @@ class WebUIGeneration:
         self._patches.append((obj, attr, had_own, obj.__dict__.get(attr)))
         setattr(obj, attr, value)
 
+    def _unpatch(self, *objs: Any) -> None:
+        """Take this batch's patches off these objects (a pass that begins on the sampler
+        of the previous pass wraps it afresh, not twice)."""
+        keep = []
+        for entry in reversed(self._patches):
+            obj, attr, had_own, value = entry
+            if any(obj is o for o in objs):
+                if had_own:
+                    setattr(obj, attr, value)
+                else:
+                    obj.__dict__.pop(attr, None)
+            else:
+                keep.append(entry)
+        self._patches = keep[::-1]
+
     def move_to(self, layout: UNetLayout, model_name: str) -> None:
         """The hires pass runs another UNet (a hires checkpoint): follow it when it has the
         same architecture, refuse clearly otherwise."""
@@ -142,6 +157,9 @@ class WebUIGeneration:
 
     # ---- per pass ------------------------------------------------------------------
     def _begin(self, p, sampler, vp: bool) -> None:
+        if sampler is self.sampler:   # an extension handed both passes one sampler
+            cfg = sampler.model_wrap_cfg
+            self._unpatch(sampler, cfg, getattr(cfg, "inner_model", None))
         self.sampler, self._vp, self._switched = sampler, vp, False
         self.hooks.paused = False
         self._calls_since_callback = 0
