@@ -181,6 +181,11 @@ class CFGDenoiser(nn.Module):
                                  None if cond_scale == 1 else uncond, x, sigma,
                                  self.max_chunks, self.calls, self.flavor)
         den = c if u is None else u + (c - u) * cond_scale
+        unet = self.sd_model.forge_objects.unet
+        for fn in unet.model_options.get("sampler_post_cfg_function", []):
+            den = fn({"denoised": den, "cond": parts, "uncond": uncond, "model": unet,
+                      "cond_denoised": c, "uncond_denoised": u, "sigma": sigma,
+                      "model_options": unet.model_options, "input": x})
         if self.timesteps:
             return (x - den) / sigma[:, None, None, None]
         return den
@@ -262,3 +267,48 @@ class Img2Img(_Forge, a1111_like.Img2Img):
     def __init__(self, web, model, args, flavor="main", max_chunks=None, **kw):
         super().__init__(web, model, args, **kw)
         self._forge(web, args, flavor, None, max_chunks)
+
+
+# ---- Forge's integrated extensions ---------------------------------------------------------
+class PostCfgBatchLike:
+    """SelfAttentionGuidance / PerturbedAttentionGuidance Integrated as FAM meets them: a
+    post-CFG function that runs one more UNet batch after the step's CFG, SAG with its
+    uncond prompt handed over as a cond on a changed latent, PAG with the cond prompt, and
+    mixes it in. `batches` logs the σ of each extra batch."""
+
+    def __init__(self, kind):
+        self.kind, self.batches = kind, []
+
+    def title(self):
+        return {"sag": "SelfAttentionGuidance Integrated (SD 1.x, SD 2.x, SDXL)",
+                "pag": "PerturbedAttentionGuidance Integrated"}[self.kind]
+
+    def process_before_every_sampling(self, p, enabled=False, *args, **kwargs):
+        if not enabled:
+            return
+        unet = p.sd_model.forge_objects.unet.clone()
+
+        def post_cfg(args):
+            self.batches.append(float(args["sigma"][0]))
+            if self.kind == "sag":
+                prompts, x = [args["uncond"]], args["input"] * 0.9
+                base = args["uncond_denoised"]
+            else:
+                prompts, x = args["cond"], args["input"]
+                base = args["cond_denoised"]
+            extra, _ = cond_uncond_batch(args["model"], prompts, None, x, args["sigma"])
+            return args["denoised"] + 0.3 * (base - extra)
+
+        unet.model_options["sampler_post_cfg_function"] = (
+            unet.model_options.get("sampler_post_cfg_function", []) + [post_cfg])
+        p.sd_model.forge_objects.unet = unet
+
+
+class IntegratedLike:
+    """An integrated extension known by its title and on/off switch only."""
+
+    def __init__(self, title):
+        self._title = title
+
+    def title(self):
+        return self._title

@@ -89,6 +89,9 @@ def _strip(model_options: dict) -> None:
     replace = to.get("patches_replace", {}).get("attn1", {})
     for key in [k for k, f in replace.items() if is_fam(f)]:
         del replace[key]
+    post = model_options.get("sampler_post_cfg_function")
+    if post:
+        model_options["sampler_post_cfg_function"] = [f for f in post if not is_fam(f)]
     wrapper = model_options.get("model_function_wrapper")
     if is_fam(wrapper):
         if wrapper.previous is None:
@@ -134,6 +137,8 @@ class PatcherHooks(UNetHooks):
         self._fetched = self._applied = 0   # AM contexts the attn1 patch got / the replace used
         self._taken: set[str] = set()       # AM layers another extension replaced before FAM
         self._taken_calls = 0
+        self._after_cfg = False   # the step's CFG is done: UNet batches now are extensions'
+        self._step_chunks: list[tuple[torch.Tensor, list[Role]]] = []   # this step's chunks
 
     @staticmethod
     def _keys(layers):
@@ -145,6 +150,7 @@ class PatcherHooks(UNetHooks):
 
     def begin_step(self) -> None:
         self._part = 0
+        self._after_cfg, self._step_chunks = False, []
         if self.run.phase == HIRES:
             self.steps += 1
 
@@ -169,6 +175,8 @@ class PatcherHooks(UNetHooks):
                                              layer.index, layer.transformer)
         unet.set_model_unet_function_wrapper(
             self._unet_wrapper(unet.model_options.get("model_function_wrapper")))
+        post = unet.model_options.get("sampler_post_cfg_function") or []
+        unet.model_options["sampler_post_cfg_function"] = [self._cfg_done()] + list(post)
         return unet
 
     def report(self) -> dict[str, str]:
@@ -227,6 +235,15 @@ class PatcherHooks(UNetHooks):
         unet_wrapper.previous = previous
         return _mark(unet_wrapper, self)
 
+    def _cfg_done(self):
+        """First of the post-CFG functions: UNet batches from here to the next step are
+        other extensions' (SelfAttentionGuidance's blurred uncond batch, PerturbedAttention-
+        Guidance's cond batch)."""
+        def cfg_done(args):
+            self._after_cfg = True
+            return args["denoised"]
+        return _mark(cfg_done, self)
+
     def _layer_of(self, extra_options: Mapping[str, Any]) -> AttnLayer | None:
         block = extra_options.get("block")
         if not block:
@@ -237,12 +254,44 @@ class PatcherHooks(UNetHooks):
     def _unet_call(self, inputs: _Inputs):
         x, t = inputs.args["input"], inputs.args["timestep"]
         kinds = inputs.args.get("cond_or_uncond") or ()
-        roles = chunk_roles(kinds, x.shape[0], self._part)
-        self._part += sum(1 for k in kinds if k == 0)
+        if self._after_cfg:
+            if self.run.phase == NATIVE:   # not the native image's features: not recorded
+                return _through(*inputs)
+            roles = self._roles_by_prompt(inputs.args, len(kinds))
+        else:
+            roles = chunk_roles(kinds, x.shape[0], self._part)
+            self._part += sum(1 for k in kinds if k == 0)
+            self._keep_chunks(inputs.args, roles, len(kinds))
         # the CFG call's σ when the host gave it, else one read (the UNet always gets σ)
         sigma = self.sigma if self.sigma is not None else float(t.flatten()[0])
         self.open_call(sigma, roles, x, inputs)
         return self.inside(_through, *inputs)
+
+    def _keep_chunks(self, args: Mapping[str, Any], roles: Sequence[Role], chunks: int) -> None:
+        """The prompt of each chunk of this step's CFG batches, with its rows' roles."""
+        prompts = args.get("c", {}).get("c_crossattn")
+        if self.run.phase != HIRES or not isinstance(prompts, torch.Tensor) or not roles:
+            return
+        b = len(roles) // chunks
+        for i, chunk in enumerate(prompts.split(b)):
+            self._step_chunks.append((chunk, list(roles[i * b:(i + 1) * b])))
+
+    def _roles_by_prompt(self, args: Mapping[str, Any], chunks: int) -> list[Role]:
+        """Roles of a batch another extension runs after the step's CFG: each chunk takes
+        the roles of the CFG chunk with the same prompt (SelfAttentionGuidance hands its
+        uncond prompt over as a cond); a chunk whose prompt matches none gets no roles, and
+        FAM skips that call, visibly."""
+        prompts = args.get("c", {}).get("c_crossattn")
+        if not isinstance(prompts, torch.Tensor) or not chunks or prompts.shape[0] % chunks:
+            return []
+        roles = []
+        for chunk in prompts.split(prompts.shape[0] // chunks):
+            match = next((r for c, r in self._step_chunks
+                          if c.shape == chunk.shape and torch.equal(c, chunk)), None)
+            if match is None:
+                return []
+            roles += match
+        return roles
 
     def inside(self, fn: Callable, *args, **kwargs):
         self._pending = None

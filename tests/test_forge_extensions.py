@@ -1,0 +1,95 @@
+"""FAM beside Forge's integrated extensions in the Forge miniature (`forge_like`): extra UNet
+batches after the CFG (SelfAttentionGuidance, PerturbedAttentionGuidance) and the
+extensions FAM's AM refuses to run beside, by name."""
+
+import pytest
+import torch
+
+import forge_like
+from fam.guidance import FamRun, NATIVE
+from fam.hosts.webui_args import FamRequestError
+from fam.record import Role
+from test_a1111_script import fresh_log, web  # noqa: F401 - the same miniature WebUI
+from test_forge_script import assert_left_as_found, base_state, fam_info, forge_model, run
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """(phase, roles) of every FAM call the run opens (replays included)."""
+    log = []
+    begin = FamRun.begin_call
+
+    def spy(self, sigma, roles, hw, *a, **k):
+        log.append((self.phase, tuple(roles), tuple(hw)))
+        return begin(self, sigma, roles, hw, *a, **k)
+
+    monkeypatch.setattr(FamRun, "begin_call", spy)
+    return log
+
+
+CFG_ROLES = (Role(0, True), Role(0, False, 0))   # Forge runs the chunks from the back
+
+
+@pytest.mark.parametrize("budget", [8192, 0], ids=["record", "recompute"])
+@pytest.mark.parametrize("kind, extra_roles", [("sag", (Role(0, True),)),
+                                               ("pag", (Role(0, False, 0),))])
+def test_batches_after_the_cfg_are_not_recorded_and_get_their_prompts_roles(
+        web, calls, kind, extra_roles, budget):
+    model = forge_model()
+    state = base_state(model)
+    ext = forge_like.PostCfgBatchLike(kind)
+    p = forge_like.Txt2Img(web, model, [{"enabled": True, "record_budget_mb": budget}],
+                           others=[(ext, [True])])
+    out, info = run(web, p)
+    assert not web.logged and torch.isfinite(out).all()
+    assert "FAM AM skipped" not in info and "FAM note" not in info
+    assert len(ext.batches) == 8                        # 4 first-pass + 4 hires steps
+    native = [roles for phase, roles, hw in calls if phase == NATIVE]
+    assert native == [CFG_ROLES] * 4                      # the extension's batches not recorded
+    hires = [roles for phase, roles, hw in calls if hw == (16, 16)]
+    assert hires == [CFG_ROLES, extra_roles] * 4         # its batch: the roles of its prompt
+    assert_left_as_found(p, model, state)
+
+
+def test_without_the_marker_the_extra_batches_pollute_the_record(web, calls, monkeypatch):
+    """The stand-in fails the way SAG does when FAM cannot tell its batches apart."""
+    from fam.hosts import patcher
+    monkeypatch.setattr(patcher.PatcherHooks, "_cfg_done",
+                        lambda self: patcher._mark(lambda args: args["denoised"], self))
+    p = forge_like.Txt2Img(web, forge_model(), [{"enabled": True}],
+                           others=[(forge_like.PostCfgBatchLike("sag"), [True])])
+    run(web, p)
+    native = [roles for phase, roles, hw in calls if phase == NATIVE]
+    assert native != [CFG_ROLES] * 4
+
+
+REFUSED = [("Kohya HRFix Integrated", [True], "block"),
+           ("StyleAlign Integrated", [True], "shares self-attention"),
+           ("MultiDiffusion Integrated", [True], "tiles"),
+           ("ControlNet", [{"enabled": True, "module": "reference_only"}], "reference_only")]
+
+
+@pytest.mark.parametrize("title, args, why", REFUSED, ids=[r[0] for r in REFUSED])
+def test_refused_by_name_with_am_and_allowed_with_fm_alone(web, title, args, why):
+    model = forge_model()
+    state = base_state(model)
+    ext = forge_like.IntegratedLike(title)
+    p = forge_like.Txt2Img(web, model, [{"enabled": True}], others=[(ext, args)])
+    with pytest.raises(FamRequestError, match=why) as e:
+        run(web, p)
+    assert title.split()[0] in str(e.value) and "set FAM AM off" in str(e.value)
+    assert_left_as_found(p, model, state)
+    p = forge_like.Txt2Img(web, model, [{"enabled": True, "am_enabled": False}],
+                           others=[(ext, args)])
+    out, info = run(web, p)
+    assert fam_info(info)["FAM AM"] is False and torch.isfinite(out).all() and not web.logged
+
+
+@pytest.mark.parametrize("title, args", [("Kohya HRFix Integrated", [False]),
+                                         ("FreeU Integrated (SD 1.x, SD 2.x, SDXL)", [True]),
+                                         ("ControlNet", [{"enabled": True, "module": "canny"}])])
+def test_switched_off_or_harmless_extensions_are_not_refused(web, title, args):
+    p = forge_like.Txt2Img(web, forge_model(), [{"enabled": True}],
+                           others=[(forge_like.IntegratedLike(title), args)])
+    out, info = run(web, p)
+    assert "FAM AM skipped" not in info and not web.logged
