@@ -70,9 +70,19 @@ class KModel(nn.Module):
         super().__init__()
         self.diffusion_model = unet
         self.predictor = SimpleNamespace(sigmas=sigmas)
+        self.control_log, self.control_warnings = [], []   # (latent hw, residual hw or None)
 
     def apply_model(self, x, t, c_crossattn=None, c_concat=None, control=None,
                     transformer_options=None, y=None, **kwargs):
+        applied = None   # Forge's apply_control: pop, add, print and skip on an error
+        residual = control["input"].pop() if control and control.get("input") else None
+        if residual is not None:
+            try:
+                x = x + residual
+                applied = tuple(residual.shape[-2:])
+            except RuntimeError:
+                self.control_warnings.append(tuple(x.shape[-2:]))
+        self.control_log.append((tuple(x.shape[-2:]), applied))
         sigma = t[:, None, None, None]
         timestep = ldm.sigma_to_t(t, self.predictor.sigmas.log())
         eps = self.diffusion_model(x * (sigma ** 2 + 1) ** -0.5, timestep, c_crossattn, y,
@@ -86,10 +96,12 @@ class UnetPatcher:
         self.load_device = torch.device(load_device)
         self.model_options = {"transformer_options": {}}
         self.extra_preserved_memory_during_sampling = 0
+        self.controlnet_linked_list = None
 
     def clone(self):
         n = UnetPatcher(self.model, self.load_device)
         n.model_options = copy.deepcopy(self.model_options)
+        n.controlnet_linked_list = self.controlnet_linked_list
         n.extra_preserved_memory_during_sampling = self.extra_preserved_memory_during_sampling
         return n
 
@@ -140,6 +152,11 @@ def cond_uncond_batch(unet, parts, uncond, x, sigma, max_chunks=None, calls=None
         args = {"input": torch.cat([x] * len(batch)), "timestep": torch.cat([sigma] * len(batch)),
                 "c": {"c_crossattn": torch.cat([c for c, _ in batch]), "transformer_options": opts},
                 "cond_or_uncond": kinds}
+        control = getattr(unet, "controlnet_linked_list", None)
+        if control is not None:   # before the wrapper, as Forge does
+            args["c"]["control"] = control.get_control(args["input"], args["timestep"],
+                                                       args["c"], len(kinds))
+            args["c"]["control_model"] = control
         wrapper = unet.model_options.get("model_function_wrapper")
         if wrapper is not None:
             res = wrapper(unet.model.apply_model, args)
@@ -312,3 +329,53 @@ class IntegratedLike:
 
     def title(self):
         return self._title
+
+
+class ControlNodeLike:
+    """One unit of Forge's ControlNet linked list (`backend/patcher/controlnet.py`):
+    `get_control` resizes the hint to the call's latent itself (nearest-exact, kept in
+    `cond_hint` until the size changes, `resizes` counts it) and returns fresh residual
+    lists, here one residual made from the hint, merged with the previous unit's."""
+
+    def __init__(self, hint, weight=0.3, previous=None):
+        self.cond_hint_original, self.cond_hint = hint, None
+        self.weight, self.previous_controlnet = weight, previous
+        self.resizes = 0
+
+    def get_control(self, x, t, cond, batched_number):
+        prev = (self.previous_controlnet.get_control(x, t, cond, batched_number)
+                if self.previous_controlnet is not None else None)
+        size = (x.shape[2] * 8, x.shape[3] * 8)
+        if self.cond_hint is None or tuple(self.cond_hint.shape[-2:]) != size:
+            self.resizes += 1
+            self.cond_hint = torch.nn.functional.interpolate(self.cond_hint_original, size=size,
+                                                             mode="nearest-exact")
+        residual = self.weight * torch.nn.functional.avg_pool2d(self.cond_hint, 8).mean(1, keepdim=True)
+        if prev is not None:
+            residual = residual + prev["input"][0]
+        return {"input": [residual.to(x.dtype)], "middle": [], "output": []}
+
+
+class ControlNetForgeLike:
+    """Forge's built-in ControlNet script: per pass, a UNet clone with one linked-list unit
+    per enabled unit, the hint at the pass's size (the high-res hint in the Hires. fix
+    pass; the img2img input for a unit without an image)."""
+
+    def title(self):
+        return "ControlNet"
+
+    def process_before_every_sampling(self, p, *units, **kwargs):
+        head = None
+        for unit in units:
+            if not unit.get("enabled"):
+                continue
+            hires = getattr(p, "is_hr_pass", False)
+            w, h = ((p.hr_upscale_to_x, p.hr_upscale_to_y) if hires else (p.width, p.height))
+            image = unit.get("image") or p.init_images[0]
+            hint = a1111_like._pixels(image, w, h)
+            head = ControlNodeLike(hint, unit.get("weight", 0.3), head)
+        if head is None:
+            return
+        unet = p.sd_model.forge_objects.unet.clone()
+        unet.controlnet_linked_list = head
+        p.sd_model.forge_objects.unet = unet

@@ -93,3 +93,68 @@ def test_switched_off_or_harmless_extensions_are_not_refused(web, title, args):
                            others=[(forge_like.IntegratedLike(title), args)])
     out, info = run(web, p)
     assert "FAM AM skipped" not in info and not web.logged
+
+
+# ---- ControlNet (Forge's built-in) -------------------------------------------------------------
+def img2img_cn(web, fam, units, flavor="main"):
+    from ldm_like import sd1_without_top_attention
+    from test_a1111_script import image
+    from test_forge import SIGMA_TABLE
+    model = forge_like.sd_model(forge_like.forge_unet(sd1_without_top_attention()), SIGMA_TABLE)
+    p = forge_like.Img2Img(web, model, [fam], init_images=[image(1)], width=520, height=520,
+                           flavor=flavor, others=[(forge_like.ControlNetForgeLike(), units)])
+    return model, p
+
+
+TILE = {"enabled": True}
+
+
+@pytest.mark.parametrize("flavor", ["main", "classic", "reforge"])
+@pytest.mark.parametrize("units", [[TILE], [TILE, {"enabled": True, "weight": 0.2}]],
+                         ids=["tile unit", "two units"])
+def test_img2img_native_size_calls_get_native_size_control(web, flavor, units):
+    model, p = img2img_cn(web, {"enabled": True}, units, flavor)
+    state = base_state(model)
+    out, info = run(web, p)
+    k = model.forge_objects.unet.model
+    assert not web.logged and not k.control_warnings and torch.isfinite(out).all()
+    assert "FAM AM skipped" not in info
+    assert info["FAM ControlNet"] == "native-size control from the high-res units"
+    sizes = {hw for hw, _ in k.control_log}
+    assert sizes == {(64, 64), (65, 65)}
+    assert all(applied == hw for hw, applied in k.control_log)   # every call, its own size
+    assert_left_as_found(p, model, state)
+
+
+@pytest.mark.parametrize("budget", [8192, 0], ids=["record", "recompute"])
+def test_txt2img_replays_get_native_size_control(web, budget):
+    from test_a1111_script import image
+    model = forge_model()
+    p = forge_like.Txt2Img(web, model, [{"enabled": True, "record_budget_mb": budget}],
+                           others=[(forge_like.ControlNetForgeLike(), [{"enabled": True,
+                                                                       "image": image(4)}])])
+    out, info = run(web, p)
+    k = model.forge_objects.unet.model
+    assert not web.logged and not k.control_warnings and "FAM AM skipped" not in info
+    assert all(applied == hw for hw, applied in k.control_log)
+    replays = sum(1 for hw, _ in k.control_log if hw == (8, 8)) - 4
+    assert replays == (4 if budget == 0 else 0)
+    assert ("FAM ControlNet" in info) == (budget == 0)
+
+
+def test_without_native_control_the_replays_run_without_it(web, monkeypatch):
+    """The stand-in fails as Forge does: replays without residuals, silently."""
+    from fam.hosts import patcher
+    monkeypatch.setattr(patcher, "native_control", lambda *a: None)
+    model, p = img2img_cn(web, {"enabled": True}, [TILE])
+    run(web, p)
+    assert (64, 64) in {hw for hw, applied in model.forge_objects.unet.model.control_log
+                        if applied is None}
+
+
+def test_controlnet_alone_repeats_exactly_after_a_fam_run(web):
+    model, p = img2img_cn(web, {"enabled": False}, [TILE])
+    before, _ = run(web, p)
+    run(web, img2img_cn(web, {"enabled": True}, [TILE])[1])
+    after, _ = run(web, img2img_cn(web, {"enabled": False}, [TILE])[1])
+    assert torch.equal(before, after)

@@ -13,6 +13,7 @@ UNet's patcher carries FAM's functions; the patcher it came from is never change
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
@@ -22,10 +23,11 @@ from ..attention import am_projected_attention, merge_heads, split_heads
 from ..guidance import HIRES, NATIVE, FamRun
 from ..layers import AttnLayer
 from ..record import Role
+from ..replay import ReplayUnavailable
 from .unet_hooks import GEN_ATTR, LATENT_FACTOR, NativeCall, UNetHooks, _Current
 
 __all__ = ["PatcherHooks", "Attention", "sdpa_attention", "chunk_roles", "native_kwargs",
-           "is_fam"]
+           "is_fam", "native_control"]
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -68,6 +70,34 @@ def native_kwargs(c: Mapping[str, Any], hw) -> dict:
     if isinstance(out.get("transformer_options"), dict):
         out["transformer_options"] = dict(out["transformer_options"])
     return out
+
+
+def native_control(c: Mapping[str, Any], x: torch.Tensor, t: torch.Tensor, chunks: int,
+                   cond: Mapping[str, Any]) -> Any:
+    """ControlNet residuals for a native-size UNet batch, from the ControlNet units of the
+    high-res call `c` (`c['control_model']`, the head of the host's linked list of units):
+    each unit resizes its hint to x itself, as for any call. The hint each unit keeps for the
+    high-res size is put back afterwards, so the next high-res call does not resize again.
+    None without units. A unit that cannot make them ends the replays, visibly."""
+    cnet = c.get("control_model")
+    if cnet is None or not callable(getattr(cnet, "get_control", None)):
+        return None
+    nodes, node = [], cnet
+    while node is not None and len(nodes) < 64:
+        nodes.append((node, node.__dict__.get("cond_hint")))
+        node = getattr(node, "previous_controlnet", None)
+    args = [x, t, dict(cond), chunks]
+    if len(inspect.signature(cnet.get_control).parameters) >= 5:   # reForge
+        args.append(cond.get("transformer_options", {}))
+    try:
+        return cnet.get_control(*args)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise ReplayUnavailable(f"ControlNet could not condition a native-size UNet call "
+                                f"({type(e).__name__}: {first})") from e
+    finally:
+        for node, hint in nodes:
+            node.cond_hint = hint
 
 
 def is_fam(fn: Any) -> bool:
@@ -138,6 +168,7 @@ class PatcherHooks(UNetHooks):
         self._taken: set[str] = set()       # AM layers another extension replaced before FAM
         self._taken_calls = 0
         self._after_cfg = False   # the step's CFG is done: UNet batches now are extensions'
+        self.controlnet_calls = 0   # native-size calls conditioned by ControlNet units
         self._step_chunks: list[tuple[torch.Tensor, list[Role]]] = []   # this step's chunks
 
     @staticmethod
@@ -195,8 +226,13 @@ class PatcherHooks(UNetHooks):
         elif run.params.am_active and not self.paused and self.steps and not self.hires_calls:
             note = f"AM did not run: another extension replaced {self.host}'s UNet function wrapper"
         else:
-            return super().report()
-        return {"FAM note": note}
+            return {**super().report(), **self._controlnet_report()}
+        return {"FAM note": note, **self._controlnet_report()}
+
+    def _controlnet_report(self) -> dict[str, str]:
+        if not self.controlnet_calls:
+            return {}
+        return {"FAM ControlNet": "native-size control from the high-res units"}
 
     # ---- FAM's functions on the clone ---------------------------------------------------
     def _attn1_patch(self):
@@ -301,8 +337,16 @@ class PatcherHooks(UNetHooks):
             self._pending = None
 
     def _replay_native(self, call: NativeCall, current: _Current) -> None:
-        """Through the model of the current high-res call, below FAM's wrapper."""
-        self.inside(_through, call.inputs.previous, current.inputs.apply_model, call.inputs.args)
+        """Through the model of the current high-res call, below FAM's wrapper. The native
+        call's ControlNet residuals were used up by it: the high-res call's units make them
+        again at the native size."""
+        args = dict(call.inputs.args)
+        c = {k: v for k, v in args["c"].items() if k not in ("control", "control_model")}
+        control = self._control(current, args["input"], args["timestep"], args, c)
+        if control is not None:
+            c["control"] = control
+        args["c"] = c
+        self.inside(_through, call.inputs.previous, current.inputs.apply_model, args)
 
     def _replay_reference(self, z: torch.Tensor, sigma: float, current: _Current) -> None:
         args = current.inputs.args
@@ -310,4 +354,13 @@ class PatcherHooks(UNetHooks):
         if self.native_vector is not None and isinstance(kwargs.get("y"), torch.Tensor):
             h, w = (LATENT_FACTOR * n for n in z.shape[-2:])
             kwargs["y"] = self.native_vector(kwargs["y"], h, w)
+        control = self._control(current, z, args["timestep"], args, kwargs)
+        if control is not None:
+            kwargs["control"] = control
         self.inside(current.inputs.apply_model, z, args["timestep"], **kwargs)
+
+    def _control(self, current: _Current, x, t, args: Mapping[str, Any], cond) -> Any:
+        chunks = len(args.get("cond_or_uncond") or ()) or 1
+        control = native_control(current.inputs.args["c"], x, t, chunks, cond)
+        self.controlnet_calls += control is not None
+        return control
