@@ -392,7 +392,7 @@ def test_am_that_cannot_change_anything_costs_nothing(path, off):
     assert torch.equal(r.out, fm_only.out)
 
 
-# ---- a hires checkpoint on the recompute path (defect 3) ----------------------------------
+# ---- a hires checkpoint on the recompute path ----------------------------------------------
 def test_recompute_path_replays_through_the_hires_checkpoint():
     first = sd1_like()
     hires = copy.deepcopy(first)     # another checkpoint object (same weights: same maps)
@@ -418,7 +418,7 @@ def test_recompute_path_across_sampler_kinds(vp, hires_vp):
     torch.testing.assert_close(rep.out, rec.out, atol=1e-4, rtol=1e-4)
 
 
-# ---- SDXL size conditioning of native replays (defect 2) ----------------------------------
+# ---- SDXL size conditioning of native replays ----------------------------------------------
 class SizeEmbedder(nn.Module):
     """sgm's ConcatTimestepEmbedderND in spirit: each value of the row sinusoidally embedded
     in `outdim` dims, concatenated."""
@@ -580,7 +580,7 @@ def test_refiner_in_both_passes_is_noted_for_both():
 # ---- UniPC's corrector (FM reaches the sampler's state) --------------------------------
 @pytest.mark.parametrize("kind", ["unipc", "ddim"])
 def test_fm_reaches_the_latent_the_sampler_continues_from(kind):
-    """FM only, on A1111's sampler shapes, against the spec written into the loop by hand:
+    """FM only, on A1111's sampler shapes, against the method written into the loop by hand:
     the latent each step starts from is the FM latent."""
     unet = sd1_like()
     cond, uncond = conds()
