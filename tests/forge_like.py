@@ -197,8 +197,15 @@ class CFGDenoiser(nn.Module):
         c, u = cond_uncond_batch(self.sd_model.forge_objects.unet, parts,
                                  None if cond_scale == 1 else uncond, x, sigma,
                                  self.max_chunks, self.calls, self.flavor)
-        den = c if u is None else u + (c - u) * cond_scale
         unet = self.sd_model.forge_objects.unet
+        cfg_fn = unet.model_options.get("sampler_cfg_function")
+        if cfg_fn is not None and u is not None:
+            den = x - cfg_fn({"cond": x - c, "uncond": x - u, "cond_scale": cond_scale,
+                              "input": x, "sigma": sigma, "cond_denoised": c,
+                              "uncond_denoised": u, "model": unet,
+                              "model_options": unet.model_options})
+        else:
+            den = c if u is None else u + (c - u) * cond_scale
         for fn in unet.model_options.get("sampler_post_cfg_function", []):
             den = fn({"denoised": den, "cond": parts, "uncond": uncond, "model": unet,
                       "cond_denoised": c, "uncond_denoised": u, "sigma": sigma,
@@ -318,6 +325,30 @@ class PostCfgBatchLike:
 
         unet.model_options["sampler_post_cfg_function"] = (
             unet.model_options.get("sampler_post_cfg_function", []) + [post_cfg])
+        p.sd_model.forge_objects.unet = unet
+
+
+class CfgFunctionLike:
+    """DynamicThresholding / LatentModifier Integrated: a `sampler_cfg_function` that
+    replaces the CFG mix (here: the mix with its result clamped, as a threshold does)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def title(self):
+        return "DynamicThresholding (CFG-Fix) Integrated"
+
+    def process_before_every_sampling(self, p, enabled=False, *args, **kwargs):
+        if not enabled:
+            return
+        unet = p.sd_model.forge_objects.unet.clone()
+
+        def cfg_function(args):
+            self.calls += 1
+            mixed = args["uncond"] + (args["cond"] - args["uncond"]) * args["cond_scale"]
+            return mixed.clamp(-1.5, 1.5)
+
+        unet.model_options["sampler_cfg_function"] = cfg_function
         p.sd_model.forge_objects.unet = unet
 
 

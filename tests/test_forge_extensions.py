@@ -63,6 +63,18 @@ def test_without_the_marker_the_extra_batches_pollute_the_record(web, calls, mon
     assert native != [CFG_ROLES] * 4
 
 
+def test_a_cfg_function_replacing_the_mix_works_with_fam(web):
+    """DynamicThresholding / LatentModifier replace the CFG mix: FAM's FM and AM run as
+    without them, and their function shapes every step."""
+    ext = forge_like.CfgFunctionLike()
+    p = forge_like.Txt2Img(web, forge_model(), [{"enabled": True}], others=[(ext, [True])])
+    out, info = run(web, p)
+    plain, plain_info = run(web, forge_like.Txt2Img(web, forge_model(), [{"enabled": True}]))
+    assert ext.calls == 8 and not web.logged and torch.isfinite(out).all()
+    assert fam_info(info) == fam_info(plain_info) and "FAM AM skipped" not in info
+    assert not torch.equal(out, plain)
+
+
 REFUSED = [("Kohya HRFix Integrated", [True], "block"),
            ("StyleAlign Integrated", [True], "shares self-attention"),
            ("MultiDiffusion Integrated", [True], "tiles"),
