@@ -2,44 +2,17 @@
 sd-webui-controlnet, Tiled Diffusion / Tiled VAE and ADetailer, each failing the way the
 real one fails, in both load orders."""
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from a1111_like import (ADetailerLike, ControlNetLike, MiniWebUI, TiledDiffusionLike,
-                        TiledVAELike, sd_model)
+from a1111_like import ADetailerLike, ControlNetLike, TiledDiffusionLike, TiledVAELike
 from fam.hosts.a1111 import resize_hint
-from ldm_like import sd1_like, sd1_without_top_attention
+from test_a1111_script import big_model, fresh_log, image, model, web  # noqa: F401 - same miniature
 
 FAM = {"enabled": True}
 RECOMPUTE = {"enabled": True, "record_budget_mb": 0}
 SIZE = 520   # img2img above SD1's native 512²: native latent 64², target 65²
-
-
-@pytest.fixture(scope="module")
-def web():
-    return MiniWebUI()
-
-
-@pytest.fixture(autouse=True)
-def fresh_log(web):
-    web.logged.clear()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return sd_model(sd1_like())
-
-
-@pytest.fixture(scope="module")
-def big_model():
-    return sd_model(sd1_without_top_attention())
-
-
-def image(seed=0, size=(64, 64)):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
 def fam_keys(info):
