@@ -187,3 +187,20 @@ def test_one_sampler_object_for_both_passes_still_guides_the_hires_pass(web, mod
     assert fam_keys(cached.infotexts[0]) == fam_keys(fresh.infotexts[0]) and not web.logged
     torch.testing.assert_close(cached.samples[0], fresh.samples[0])
     assert left_as_found(model)
+
+
+def test_demofusion_is_refused_by_name(web, model):
+    class DemoFusionLike(TiledDiffusionLike):
+        filename = "tileglobal.py"
+
+        def title(self):
+            return "demofusion"
+
+    demo = DemoFusionLike()
+    p = web.txt2img(model, [FAM], others=[(demo, [True])])
+    try:
+        with pytest.raises(Exception, match="cannot run together with DemoFusion: it denoises"):
+            web.process_images(p)
+    finally:
+        demo.postprocess(p, None)
+    assert left_as_found(model)

@@ -54,7 +54,8 @@ def _units(args: Sequence[Any]) -> Iterator[Any]:
             yield get
 
 
-_TILED = ("tiled diffusion", "demofusion")
+_TILED = {"tiled diffusion": "Tiled Diffusion (MultiDiffusion / Mixture of Diffusers)",
+          "demofusion": "DemoFusion"}
 _AM_CONFLICTS = {   # title prefix: why AM cannot run beside it
     "kohya hrfix": "it changes the resolution of the UNet's blocks, so the high-res token grids "
                    "no longer match the native ones",
@@ -65,15 +66,14 @@ _AM_CONFLICTS = {   # title prefix: why AM cannot run beside it
 
 def refusal(p, am_active: bool) -> FamRequestError | None:
     """What FAM refuses to run beside in this job, named, or None."""
-    for title in _TILED:
+    for title, name in _TILED.items():
         script, args = find_script(p, title)
         if script is not None and (script_enabled(args)
                                    or "create_sampler_original_md" in type(script).__dict__):
-            name = "Tiled Diffusion" if title == "tiled diffusion" else "DemoFusion"
             return FamRequestError(
-                f"FAM Diffusion cannot run together with {name} (MultiDiffusion / Mixture of "
-                f"Diffusers): it denoises the image in tiles, and FAM guides the whole image. "
-                f"Turn {name} off (Tiled VAE can stay on), or turn FAM off.")
+                f"FAM Diffusion cannot run together with {name}: it denoises the image in "
+                f"tiles, and FAM guides the whole image. Turn {name.split(' (')[0]} off "
+                "(Tiled VAE can stay on), or turn FAM off.")
     if not am_active:
         return None
     for title, why in _AM_CONFLICTS.items():
