@@ -410,3 +410,48 @@ class ControlNetForgeLike:
         unet = p.sd_model.forge_objects.unet.clone()
         unet.controlnet_linked_list = head
         p.sd_model.forge_objects.unet = unet
+
+
+class PatchModelAddDownscale:
+    """Named as Kohya HRFix's patch class is (its functions' qualified names start so)."""
+
+    @staticmethod
+    def patch():
+        def input_block_patch(h, transformer_options):
+            return h
+        return input_block_patch
+
+
+class StyleAlignForForge:
+    """Named as StyleAlign's script class is."""
+
+    @staticmethod
+    def process_before_every_sampling():
+        def attn1_proc(q, k, v, transformer_options):
+            return q
+        return attn1_proc
+
+
+class PatchingLike:
+    """An integrated extension under a fork's own title that patches the UNet as the named
+    one does: "multidiffusion" (its flag), "kohya" (an input block patch), "stylealign"
+    (attn1 replacements)."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def title(self):
+        return f"Renamed {self.kind}"
+
+    def process_before_every_sampling(self, p, enabled=False, *args, **kwargs):
+        if not enabled:
+            return
+        unet = p.sd_model.forge_objects.unet.clone()
+        if self.kind == "multidiffusion":
+            unet.model_options["tiled_diffusion"] = True
+        elif self.kind == "kohya":
+            unet.set_model_patch(PatchModelAddDownscale.patch(), "input_block_patch")
+        else:
+            unet.set_model_attn1_replace(StyleAlignForForge.process_before_every_sampling(),
+                                         "output", 3, 0)
+        p.sd_model.forge_objects.unet = unet

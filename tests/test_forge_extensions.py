@@ -170,3 +170,20 @@ def test_controlnet_alone_repeats_exactly_after_a_fam_run(web):
     run(web, img2img_cn(web, {"enabled": True}, [TILE])[1])
     after, _ = run(web, img2img_cn(web, {"enabled": False}, [TILE])[1])
     assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("kind, name", [("multidiffusion", "MultiDiffusion Integrated"),
+                                        ("kohya", "Kohya HRFix Integrated"),
+                                        ("stylealign", "StyleAlign Integrated")])
+def test_refused_by_what_the_unet_carries_under_any_title(web, kind, name):
+    """A fork that renames the extension: the patch on the UNet still names it."""
+    model = forge_model()
+    state = base_state(model)
+    ext = forge_like.PatchingLike(kind)
+    p = forge_like.Txt2Img(web, model, [{"enabled": True}], others=[(ext, [True])])
+    with pytest.raises(FamRequestError, match=name):
+        run(web, p)
+    assert_left_as_found(p, model, state)
+    out, info = run(web, forge_like.Txt2Img(web, model, [{"enabled": True, "am_enabled": False}],
+                                            others=[(ext, [True])]))
+    assert torch.isfinite(out).all() and not web.logged

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 
 from ..webui_args import FamRequestError
 
-__all__ = ["alwayson", "find_script", "script_enabled", "refusal"]
+__all__ = ["alwayson", "find_script", "script_enabled", "refusal", "patcher_refusal"]
 
 
 def alwayson(p) -> Iterator[tuple[str, Any, Sequence[Any]]]:
@@ -64,6 +64,30 @@ _AM_CONFLICTS = {   # title prefix: why AM cannot run beside it
 }
 
 
+def _am_refusal(name: str, why: str) -> FamRequestError:
+    return FamRequestError(
+        f"FAM's Attention Modulation cannot run with {name}: {why}. Turn {name} off, "
+        "or set FAM AM off (FM then runs alone).")
+
+
+def patcher_refusal(model_options: dict) -> FamRequestError | None:
+    """The same conflicts read from what a model patcher's UNet carries (Forge), whatever
+    a fork titles the extension: MultiDiffusion's flag, Kohya HRFix's block patch,
+    StyleAlign's attention."""
+    if model_options.get("tiled_diffusion") is True:
+        return _am_refusal("MultiDiffusion Integrated", _AM_CONFLICTS["multidiffusion"])
+    to = model_options.get("transformer_options") or {}
+    patches = to.get("patches") or {}
+    for kind in ("input_block_patch", "input_block_patch_after_skip"):
+        if any(getattr(f, "__qualname__", "").startswith("PatchModelAddDownscale")
+               for f in patches.get(kind) or ()):
+            return _am_refusal("Kohya HRFix Integrated", _AM_CONFLICTS["kohya hrfix"])
+    replaced = (to.get("patches_replace") or {}).get("attn1") or {}
+    if any("StyleAlign" in getattr(f, "__qualname__", "") for f in replaced.values()):
+        return _am_refusal("StyleAlign Integrated", _AM_CONFLICTS["stylealign"])
+    return None
+
+
 def refusal(p, am_active: bool) -> FamRequestError | None:
     """What FAM refuses to run beside in this job, named, or None."""
     for title, name in _TILED.items():
@@ -79,10 +103,7 @@ def refusal(p, am_active: bool) -> FamRequestError | None:
     for title, why in _AM_CONFLICTS.items():
         script, args = find_script(p, title)
         if script is not None and script_enabled(args):
-            name = script.title()
-            return FamRequestError(
-                f"FAM's Attention Modulation cannot run with {name}: {why}. Turn {name} off, "
-                "or set FAM AM off (FM then runs alone).")
+            return _am_refusal(script.title(), why)
     script, args = find_script(p, "controlnet")
     for get in _units(args) if script is not None else ():
         module = str(get("module", "") or "")
