@@ -528,9 +528,10 @@ class ControlNetLike:
     img2img input for a tile-style unit) and, in txt2img with Hires. fix, at the high-res
     size (`hr_hint_cond`). Per UNet call the hook picks a hint as ControlNet does (by height,
     only where a unit holds both) and adds a residual made from it: a hint of another size
-    than the latent raises, as ControlNet's `h += guided_hint` does. Units with
+    than the latent raises, as ControlNet's `h += guided_hint` does; `hr_option` turns a
+    unit off for the pass it excludes (by the hint picked). Units with
     `uses_latent` encode their hint once per hint (`used_hint_cond_latent`, counted in
-    `encodes`). `postprocess` restores the UNet. `log`: (latent hw, hint hw) per call."""
+    `encodes`). `postprocess` restores the UNet. `log`: (latent hw, hint hw or None when off) per call."""
 
     filename = "controlnet.py"
 
@@ -557,7 +558,7 @@ class ControlNetLike:
             params.append(ControlParamsLike(
                 hint_cond=hint, hr_hint_cond=hr, used_hint_cond=None, used_hint_cond_latent=None,
                 used_hint_inpaint_hijack=None, uses_latent=bool(unit.get("uses_latent")),
-                weight=float(unit.get("weight", 0.5))))
+                weight=float(unit.get("weight", 0.5)), hr_option=unit.get("hr_option", "Both")))
         if not params:
             return
         unet = p.sd_model.model.diffusion_model
@@ -565,6 +566,7 @@ class ControlNetLike:
         outer = self
 
         def forward(x, timesteps=None, context=None, y=None, **kwargs):
+            high_res = False
             for param in params:
                 if param.used_hint_cond is None:
                     param.used_hint_cond = param.hint_cond
@@ -573,12 +575,16 @@ class ControlNetLike:
                     h = x.shape[2] * 8
                     low = abs(h - param.hint_cond.shape[2]) < abs(h - param.hr_hint_cond.shape[2])
                     want = param.hint_cond if low else param.hr_hint_cond
+                    high_res = not low
                     if param.used_hint_cond is not want:
                         param.used_hint_cond = want
                         param.used_hint_cond_latent = param.used_hint_inpaint_hijack = None
             for param in params:
                 hint = param.used_hint_cond
-                outer.log.append((tuple(x.shape[-2:]), tuple(hint.shape[-2:])))
+                off = {"Low res only": high_res, "High res only": not high_res}.get(param.hr_option, False)
+                outer.log.append((tuple(x.shape[-2:]), None if off else tuple(hint.shape[-2:])))
+                if off:
+                    continue
                 if param.uses_latent:
                     if param.used_hint_cond_latent is None:
                         outer.encodes += 1

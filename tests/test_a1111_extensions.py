@@ -84,15 +84,20 @@ def test_fields_hold_controlnet_objects_between_calls(web, big_model):
 
 
 @pytest.mark.parametrize("budget", [8192, 0], ids=["record", "recompute"])
-def test_txt2img_hires_controlnet_picks_by_size_itself(web, model, budget):
+@pytest.mark.parametrize("hr_option", ["Both", "Low res only", "High res only"])
+def test_txt2img_hires_controlnet_picks_by_size_itself(web, model, budget, hr_option):
     """txt2img with Hires. fix: ControlNet holds both hints and picks by size; FAM leaves
-    them alone, and replays see the low-res hint the first pass saw."""
+    them alone, and replays of the first pass see what it saw (hint and on/off)."""
     cn = ControlNetLike()
     p = web.txt2img(model, [{"enabled": True, "record_budget_mb": budget}],
-                    others=[(cn, [{**OWN, "image": image(3)}])])
+                    others=[(cn, [{**OWN, "image": image(3), "hr_option": hr_option}])])
     info = web.process_images(p).infotexts[0]
     assert not web.logged and "FAM AM skipped" not in info and "FAM ControlNet" not in info
-    assert all(hint == (8 * hw[0], 8 * hw[1]) for hw, hint in cn.log)
+    native = {hint for hw, hint in cn.log if hw == (8, 8)}
+    high = {hint for hw, hint in cn.log if hw == (16, 16)}
+    assert native == ({None} if hr_option == "High res only" else {(64, 64)})
+    assert high == ({None} if hr_option == "Low res only" else {(128, 128)})
+    assert sum(hw == (8, 8) for hw, _ in cn.log) == (8 if budget == 0 else 4)   # + replays
     assert left_as_found(model)
 
 
