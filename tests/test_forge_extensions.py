@@ -78,7 +78,8 @@ def test_a_cfg_function_replacing_the_mix_works_with_fam(web):
 REFUSED = [("Kohya HRFix Integrated", [True], "block"),
            ("StyleAlign Integrated", [True], "shares self-attention"),
            ("MultiDiffusion Integrated", [True], "tiles"),
-           ("ControlNet", [{"enabled": True, "module": "reference_only"}], "reference_only")]
+           ("ControlNet", [{"enabled": True, "module": "reference_only"}], "reference_only"),
+           ("ControlNet", [{"module": "reference_adain"}], "reference_adain")]   # API: on
 
 
 @pytest.mark.parametrize("title, args, why", REFUSED, ids=[r[0] for r in REFUSED])

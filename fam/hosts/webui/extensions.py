@@ -47,10 +47,16 @@ def script_enabled(args: Sequence[Any]) -> bool:
 
 
 def _units(args: Sequence[Any]) -> Iterator[Any]:
-    """ControlNet's enabled units (objects in the UI, dicts through the API)."""
+    """ControlNet's enabled units (objects in the UI, dicts through the API, where a unit
+    without "enabled" is on, as ControlNet reads it)."""
     for unit in args:
-        get = unit.get if isinstance(unit, dict) else (lambda k, d=None, u=unit: getattr(u, k, d))
-        if get("enabled", False):
+        if isinstance(unit, dict):
+            get = unit.get
+            on = get("enabled", True)
+        else:
+            get = (lambda k, d=None, u=unit: getattr(u, k, d))
+            on = get("enabled", False)
+        if on is True:
             yield get
 
 
