@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.ldm import CFG, SD_BETAS as BETAS, SD_SCHEDULE as SCHEDULE, euler  # noqa: F401
+from benchmarks.ldm import (CFG, SD_BETAS as BETAS, SD_SCHEDULE as SCHEDULE, Denoiser,  # noqa: F401
+                           euler, sigma_to_t)
 from fam.params import FamParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +77,67 @@ def conds(batch=1, parts=1, seed=0, dim=8):
 
 def sigmas(steps=4):
     return torch.tensor([14.6, 4.0, 1.2, 0.3][:steps] + [0.0], dtype=torch.float32)
+
+
+WEBUI_ALPHA_BAR_T = 4.8973451890853435e-08
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The WebUIs' zero-terminal-SNR rescale of an ᾱ table (A1111's noise schedule setting,
+    Forge's `ztsnr` checkpoints): √ᾱ shifted to end at 0 and scaled to keep its first value,
+    then ᾱ_T pinned to a tiny positive value (σ_max ≈ 4518.76)."""
+    s = alphas_cumprod.sqrt()
+    first, last = s[0].clone(), s[-1].clone()
+    ab = ((s - last) * (first / (first - last))) ** 2
+    ab[-1] = WEBUI_ALPHA_BAR_T
+    return ab
+
+
+def discrete_sigmas(alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
+    """k-diffusion's `get_sigmas` on a discrete table: t evenly from T−1 down to 0, σ
+    interpolated linearly in log σ between the table's entries, then a final 0."""
+    log_sigmas = ((1 - alphas_cumprod.double()) / alphas_cumprod.double()).sqrt().log()
+    t = torch.linspace(len(log_sigmas) - 1, 0, steps, dtype=torch.float64)
+    low = t.floor().long().clamp(max=len(log_sigmas) - 2)
+    w = t - low
+    out = ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp()
+    return torch.cat([out, out.new_zeros(1)]).float()
+
+
+class ModelDenoiser(Denoiser):
+    """A1111's denoisers as built from the loaded model when a sampler is made: the σ table
+    of `sd_model.alphas_cumprod` (as it is at that moment), v-prediction when the model's
+    `parameterization` is "v" (`CompVisVDenoiser`: x₀ = x/(σ²+1) − v·σ/√(σ²+1), model input
+    x/√(σ²+1); the timestep form returns ε = √ᾱ·v + √(1−ᾱ)·x). The UNet runs in its own
+    dtype (A1111's half-precision UNet), the sampler's latent stays float32."""
+
+    def __init__(self, sd_model, vp=False, log=None):
+        ac = self.alphas_cumprod = sd_model.alphas_cumprod.float()
+        table = SimpleNamespace(log_sigmas=((1 - ac) / ac).sqrt().log())   # repeats allowed
+        super().__init__(sd_model.model.diffusion_model, vp, table, log)
+        self.v = getattr(sd_model, "parameterization", "eps") == "v"
+
+    def _unet(self, x, t, cond):
+        dtype = next(self.unet.parameters()).dtype
+        context, y = cond["c_crossattn"][0], cond.get("vector")
+        y = None if y is None else y.to(dtype)
+        return self.unet(x.to(dtype), t, context.to(dtype), y).to(x.dtype)
+
+    def forward(self, x, sigma, cond):
+        if self.log is not None:
+            self.log.append((tuple(x.shape[-2:]), cond))
+        if self.vp:
+            out = self._unet(x, sigma, cond)
+            if not self.v:
+                return out
+            a = self.alphas_cumprod[sigma.round().long()][:, None, None, None]
+            return a.sqrt() * out + (1 - a).sqrt() * x
+        s = sigma.float()[:, None, None, None]
+        c_in = (s * s + 1) ** -0.5
+        out = self._unet(x * c_in, sigma_to_t(sigma, self.log_sigmas), cond)
+        if self.v:
+            return x * (1 / (s * s + 1)) - out * (s * c_in)
+        return x - s * out
 
 
 def ddim(cfg, x, ts, cond, uncond, scale=5.0, callback=None):
@@ -242,9 +304,10 @@ class MiniWebUI:
                     break
                 p.iteration = n
                 p.seeds = [p.seed + n * p.batch_size + i for i in range(p.batch_size)]
-                samples = p.sample(conditioning=p.c, unconditional_conditioning=p.uc,
-                                   seeds=p.seeds, subseeds=p.seeds, subseed_strength=0,
-                                   prompts=["a"] * p.batch_size)
+                with p.batch_schedule():
+                    samples = p.sample(conditioning=p.c, unconditional_conditioning=p.uc,
+                                       seeds=p.seeds, subseeds=p.seeds, subseed_strength=0,
+                                       prompts=["a"] * p.batch_size)
                 for i in range(len(samples)):   # per image, before its infotext
                     p.batch_index = i
                     p.scripts.postprocess_image(p, SimpleNamespace(image=samples[i]))
@@ -353,6 +416,9 @@ class KDiffusionSampler:
         self.func = {"euler": euler}[funcname]
         self.model_wrap_cfg = CFG(model.model.diffusion_model, **p.cfg_kw())
         self.callbacks = 0
+        if p.uses_model_schedule():   # the model's own table and parameterization
+            wrap = self.model_wrap_cfg.model_wrap
+            self.model_wrap_cfg.model_wrap = ModelDenoiser(model, wrap.vp, wrap.log)
 
     def callback_state(self, d):
         self.callbacks += 1
@@ -361,11 +427,11 @@ class KDiffusionSampler:
         return self.func(self.model_wrap_cfg, x, sig, c, uc, p.cfg_scale, self.callback_state)
 
     def sample(self, p, x, c, uc, steps=None, image_conditioning=None):
-        sig = sigmas(steps or p.steps)
+        sig = p.sampler_sigmas(steps or p.steps)
         return self._run(p, x * sig[0], sig, c, uc)
 
     def sample_img2img(self, p, x, noise, c, uc, steps=None, image_conditioning=None):
-        sig = sigmas(steps or p.steps)
+        sig = p.sampler_sigmas(steps or p.steps)
         sig = sig[len(sig) - 1 - max(1, round((len(sig) - 1) * p.denoising_strength)):]
         return self._run(p, x + noise * sig[0], sig, c, uc)
 
@@ -396,8 +462,9 @@ SAMPLERS = {"Euler": (KDiffusionSampler, "euler"), "DDIM": (CompVisSampler, "ddi
 class Processing:
     def __init__(self, web, model, args, width=64, height=64, steps=4, batch_size=1, n_iter=1,
                  seed=1, sampler_name="Euler", parts=1, cfg_scale=5.0, denoising_strength=0.7,
-                 others=(), fam_first=False):
+                 ztsnr=False, downcast=False, others=(), fam_first=False):
         self.web, self.sd_model = web, model
+        self.ztsnr, self.downcast = ztsnr, downcast   # the two σ table settings
         self.scripts = self.runner(web, args, others, fam_first)
         self.script_args = self.scripts.script_args
         self.width, self.height, self.steps = width, height, steps
@@ -418,6 +485,37 @@ class Processing:
         """Options of the CFG stand-in for the sampler made now (tests set `cfg_kw_for`)."""
         make = getattr(self, "cfg_kw_for", None)
         return make(self) if make else {}
+
+    def uses_model_schedule(self) -> bool:
+        """Whether the sampler takes σ from the model's table (a ZTSNR run, a v model) instead
+        of the short fixed schedule of the other tests."""
+        return self.ztsnr or getattr(self.sd_model, "parameterization", "eps") == "v"
+
+    def model_table(self) -> torch.Tensor:
+        return self.sd_model.alphas_cumprod
+
+    def sampler_sigmas(self, steps):
+        if not self.uses_model_schedule():
+            return sigmas(steps)
+        return discrete_sigmas(self.model_table(), steps)
+
+    @contextlib.contextmanager
+    def batch_schedule(self):
+        """A1111's `apply_alpha_schedule_override` right before each `p.sample`: the ᾱ table
+        from the original, downcast to fp16 ("Downcast alphas_cumprod") and rescaled for zero
+        terminal SNR ("Noise schedule: Zero Terminal SNR") as set."""
+        model = self.sd_model
+        if not (self.ztsnr or self.downcast):
+            yield
+            return
+        before = model.alphas_cumprod
+        ac = getattr(model, "alphas_cumprod_original", before)
+        ac = ac.half() if self.downcast else ac
+        model.alphas_cumprod = rescale_zero_terminal_snr(ac) if self.ztsnr else ac
+        try:
+            yield
+        finally:
+            model.alphas_cumprod = before
 
     def noise(self, hw):
         return torch.stack([torch.randn(4, *hw, generator=torch.Generator().manual_seed(s))

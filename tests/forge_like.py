@@ -7,15 +7,25 @@ calls when memory is short).
 
 WebUI level: processing objects for `a1111_like.MiniWebUI` (the same miniature WebUI and the
 real script) that behave as the Forge flavours do around the script hooks:
-  * "main" (Forge main, Neo): the UNet objects are reset before each pass; in the hires pass
-    `process_before_every_sampling` runs twice on the same sampler, the first time still on
-    the first pass's UNet, then after a reset; Hires CFG (`hr_cfg`) is applied inside the
-    denoiser, and 1 drops the uncond rows;
+  * "main" (Forge main, and Forge Neo up to its 2025-11 commits): the UNet objects are reset
+    before each pass; in the hires pass `process_before_every_sampling` runs twice on the
+    same sampler, the first time still on the first pass's UNet, then after a reset; Hires
+    CFG (`hr_cfg`) is applied inside the denoiser, and 1 drops the uncond rows;
+  * "neo" (Forge Neo 2026): in the hires pass `before_hr`, then the reset, then one hook; the
+    patcher's `clone()` copies only dicts and lists (callables are shared, not deep-copied);
+    the k-diffusion sampler writes the whole σ schedule into the active patcher's
+    `transformer_options["sampling_sigmas"]` before it samples (so every attn1 patch sees
+    it) and passes its `model_options` to the CFG denoiser on every call; UniPC is a
+    k-diffusion sampler (`sample_unipc`) that calls the denoiser with a new
+    tensor; a model loaded in parts is marked `model_lowvram` on the torch model;
+  * "ersatz" (ersatzForge): in the hires pass the reset, then `before_hr`, then one hook;
   * "classic" (Forge Classic): one call per pass, no Hires CFG, and the first step of every
     pass runs without uncond rows (its `skip_early_cond` test is true at step 0);
   * "reforge": one call per pass, `extra_options` without `cond_indices` / `uncond_indices`."""
 
+import contextlib
 import copy
+import functools
 from types import SimpleNamespace
 
 import torch
@@ -23,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import a1111_like
+from a1111_like import rescale_zero_terminal_snr
 from benchmarks import ldm
 
 
@@ -63,18 +74,32 @@ def forge_unet(unet: ldm.LdmUNet) -> ldm.LdmUNet:
     return unet
 
 
+class Prediction:
+    """Forge's discrete VP predictor (backend/modules/k_prediction.py): the σ table, which
+    Forge replaces for a zero-terminal-SNR run (`set_sigmas`), and the kind of model output."""
+
+    def __init__(self, sigmas, prediction_type="epsilon"):
+        self.sigmas, self.prediction_type = sigmas, prediction_type
+
+    def set_sigmas(self, sigmas):
+        self.sigmas = sigmas
+
+
 class KModel(nn.Module):
     """k-diffusion form: σ in, x0 out; `predictor.sigmas` is the model's σ table."""
 
-    def __init__(self, unet, sigmas):
+    def __init__(self, unet, sigmas, predictor=None):
         super().__init__()
         self.diffusion_model = unet
-        self.predictor = SimpleNamespace(sigmas=sigmas)
+        self.predictor = predictor or Prediction(sigmas)
         self.control_log, self.control_warnings = [], []   # (latent hw, residual hw or None)
 
     def apply_model(self, x, t, c_crossattn=None, c_concat=None, control=None,
                     transformer_options=None, y=None, **kwargs):
-        applied = None   # Forge's apply_control: pop, add, print and skip on an error
+        """ε or v from the UNet (in its own dtype, as Forge's computation dtype), x₀ out in
+        the latent's dtype. ControlNet's residual as Forge's `apply_control` adds it: popped,
+        added, printed and skipped on an error."""
+        applied = None
         residual = control["input"].pop() if control and control.get("input") else None
         if residual is not None:
             try:
@@ -83,11 +108,16 @@ class KModel(nn.Module):
             except RuntimeError:
                 self.control_warnings.append(tuple(x.shape[-2:]))
         self.control_log.append((tuple(x.shape[-2:]), applied))
-        sigma = t[:, None, None, None]
+        sigma = t.float()[:, None, None, None]
         timestep = ldm.sigma_to_t(t, self.predictor.sigmas.log())
-        eps = self.diffusion_model(x * (sigma ** 2 + 1) ** -0.5, timestep, c_crossattn, y,
-                                   transformer_options=transformer_options)
-        return x - sigma * eps
+        dtype = next(self.diffusion_model.parameters()).dtype
+        c_in = (sigma ** 2 + 1) ** -0.5
+        out = self.diffusion_model(
+            (x * c_in).to(dtype), timestep, None if c_crossattn is None else c_crossattn.to(dtype),
+            None if y is None else y.to(dtype), transformer_options=transformer_options).to(x.dtype)
+        if self.predictor.prediction_type == "v_prediction":
+            return x * (1 / (sigma ** 2 + 1)) - out * (sigma * c_in)
+        return x - sigma * out
 
 
 class UnetPatcher:
@@ -99,11 +129,15 @@ class UnetPatcher:
         self.controlnet_linked_list = None
 
     def clone(self):
-        n = UnetPatcher(self.model, self.load_device)
-        n.model_options = copy.deepcopy(self.model_options)
+        n = type(self)(self.model, self.load_device)
+        n.model_options = self.copy_options(self.model_options)
         n.controlnet_linked_list = self.controlnet_linked_list
         n.extra_preserved_memory_during_sampling = self.extra_preserved_memory_during_sampling
         return n
+
+    @staticmethod
+    def copy_options(options):
+        return copy.deepcopy(options)
 
     def set_model_patch(self, patch, name):
         patches = self.model_options["transformer_options"].setdefault("patches", {})
@@ -128,6 +162,23 @@ class UnetPatcher:
 
     def add_extra_preserved_memory_during_sampling(self, memory_in_bytes):
         self.extra_preserved_memory_during_sampling += memory_in_bytes
+
+
+def copy_dicts_and_lists(value):
+    """Forge Neo's `backend.utils.deepcopy_`: dicts and lists are copied, every other value
+    (functions, callable objects, tuples, tensors) is shared."""
+    if isinstance(value, dict):
+        return {k: copy_dicts_and_lists(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [copy_dicts_and_lists(v) for v in value]
+    return value
+
+
+class NeoUnetPatcher(UnetPatcher):
+    """Forge Neo 2026's patcher: `clone()` through `ModelPatcher.clone()`, whose option copy
+    shares everything but dicts and lists."""
+
+    copy_options = staticmethod(copy_dicts_and_lists)
 
 
 def cond_uncond_batch(unet, parts, uncond, x, sigma, max_chunks=None, calls=None,
@@ -182,8 +233,13 @@ class CFGDenoiser(nn.Module):
         self.flavor, self.hr_cfg = flavor, hr_cfg
         self.calls = []
         self.step = 0
+        self.takes_model_options = False
 
-    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None):
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None,
+                **kwargs):
+        if self.takes_model_options:   # Neo's k-diffusion samplers pass theirs on every call
+            assert isinstance(kwargs.pop("model_options"), dict)
+        assert not kwargs
         if self.hr_cfg is not None:
             cond_scale = self.hr_cfg
         if self.flavor == "classic" and self.step == 0:
@@ -215,13 +271,14 @@ class CFGDenoiser(nn.Module):
         return den
 
 
-def sd_model(unet, sigmas, kind="StableDiffusion", title="tiny.safetensors", **flags):
+def sd_model(unet, sigmas, kind="StableDiffusion", title="tiny.safetensors", patcher=UnetPatcher,
+             predictor=None, **flags):
     """`p.sd_model` of a Forge WebUI: the patcher at `forge_objects.unet`, and the objects
     Forge resets it from before every pass."""
     model = type(kind, (SimpleNamespace,), {})(
         sd_checkpoint_info=SimpleNamespace(title=title), **flags)
     model.forge_objects_after_applying_lora = SimpleNamespace(
-        unet=UnetPatcher(KModel(unet, sigmas)))
+        unet=patcher(KModel(unet, sigmas, predictor)))
     model.forge_objects = copy.copy(model.forge_objects_after_applying_lora)
     return model
 
@@ -230,22 +287,64 @@ def sd_model(unet, sigmas, kind="StableDiffusion", title="tiny.safetensors", **f
 class Runner(a1111_like.Runner):
     """The hooks around a pass as the flavour's Forge runs them (see the module docstring)."""
 
+    def before_hr(self, p):
+        if p.flavor == "ersatz":     # ersatzForge resets the UNet objects before `before_hr`
+            p.reset_forge_objects()
+        super().before_hr(p)
+
     def process_before_every_sampling(self, p, **kw):
-        if p.flavor == "main" and getattr(p, "is_hr_pass", False):
+        hires = getattr(p, "is_hr_pass", False)
+        if p.flavor == "main" and hires:
             self.hires_hook_calls += 1
             super().process_before_every_sampling(p, **kw)
-        p.reset_forge_objects()
-        self.hires_hook_calls += getattr(p, "is_hr_pass", False)
+        if not (p.flavor == "ersatz" and hires):
+            p.reset_forge_objects()
+        self.hires_hook_calls += hires
         super().process_before_every_sampling(p, **kw)
 
     hires_hook_calls = 0
 
 
+def sample_unipc(cfg, x, sigmas, cond, uncond, scale=5.0, callback=None):
+    """Forge Neo's UniPC, a k-diffusion sampler (first order here): it keeps its latent in VP
+    form and calls the denoiser with a new tensor, input·√(σ²+1), so an edit of the
+    denoiser's `x` never reaches its trajectory."""
+    s_in = x.new_ones(x.shape[0])
+    z = x / (sigmas[0] ** 2 + 1).sqrt()
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x_in = z * (s ** 2 + 1).sqrt()
+        den = cfg(x_in, s * s_in, uncond=uncond, cond=cond, cond_scale=scale)
+        eps = (x_in - den) / s
+        a_next = 1 / (s_next ** 2 + 1)
+        z = a_next.sqrt() * den + (1 - a_next).sqrt() * eps
+        if callback is not None:
+            callback({"x": z, "i": i, "denoised": den})
+    return z
+
+
+def with_model_options(func):
+    """A sampler of Neo's vendored k-diffusion: every denoiser call carries the sampler's
+    `model_options` (its `extra_args`), which Neo's CFG denoiser merges into the patcher's."""
+    @functools.wraps(func)
+    def sample(cfg, *args, **kwargs):
+        return func(lambda *a, **k: cfg(*a, model_options={}, **k), *args, **kwargs)
+    return sample
+
+
 class KSampler(a1111_like.KDiffusionSampler):
     def __init__(self, funcname, model, p):
-        self.func = {"euler": a1111_like.euler}[funcname]
+        self.func = {"euler": a1111_like.euler, "unipc": sample_unipc}[funcname]
         self.model_wrap_cfg = CFGDenoiser(model, **p.forge_cfg_kw())
         self.callbacks = 0
+        if p.flavor == "neo":
+            self.func = with_model_options(self.func)
+            self.model_wrap_cfg.takes_model_options = True
+
+    def _run(self, p, x, sig, c, uc):
+        if p.flavor == "neo":   # Neo: the schedule into the patcher in place now
+            p.sd_model.forge_objects.unet.model_options["transformer_options"]["sampling_sigmas"] = sig
+        return super()._run(p, x, sig, c, uc)
 
 
 class TimestepSampler(a1111_like.CompVisSampler):
@@ -257,6 +356,7 @@ class TimestepSampler(a1111_like.CompVisSampler):
 
 SAMPLERS = {"Euler": (KSampler, "euler"), "DDIM": (TimestepSampler, "ddim"),
             "UniPC": (TimestepSampler, "unipc")}
+NEO_SAMPLERS = {**SAMPLERS, "UniPC": (KSampler, "unipc")}   # Neo: no timestep UniPC
 
 
 class _Forge:
@@ -269,13 +369,33 @@ class _Forge:
         self.hr_cfg = None if flavor == "classic" else hr_cfg
 
     def create_sampler(self, name):
-        kind, func = SAMPLERS[name]
+        kind, func = (NEO_SAMPLERS if self.flavor == "neo" else SAMPLERS)[name]
         return kind(func, self.sd_model, self)
 
     def forge_cfg_kw(self):
         hires = getattr(self, "is_hr_pass", False)
         return dict(max_chunks=self.max_chunks, flavor=self.flavor,
                     hr_cfg=self.hr_cfg if hires else None)
+
+    def model_table(self):
+        sigmas = self.sd_model.forge_objects.unet.model.predictor.sigmas.double()
+        return 1 / (1 + sigmas * sigmas)
+
+    @contextlib.contextmanager
+    def batch_schedule(self):
+        """Forge's `process_images_inner` right before each `p.sample`: a ZTSNR model (its
+        `ztsnr` key, or the setting) gets `predictor.set_sigmas(rescaled)`, undone after."""
+        if not self.ztsnr:
+            yield
+            return
+        predictor = self.sd_model.forge_objects_after_applying_lora.unet.model.predictor
+        before = predictor.sigmas
+        ac = rescale_zero_terminal_snr(1 / (1 + before * before))   # float32, as Forge
+        predictor.set_sigmas(((1 - ac) / ac).sqrt())
+        try:
+            yield
+        finally:
+            predictor.set_sigmas(before)
 
     def reset_forge_objects(self):
         self.sd_model.forge_objects = copy.copy(self.sd_model.forge_objects_after_applying_lora)

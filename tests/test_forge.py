@@ -28,8 +28,11 @@ ON = FamParams(enabled=True)
 SIGMA_TABLE = ((1 - torch.cumprod(1 - BETAS, 0)) / torch.cumprod(1 - BETAS, 0)).sqrt().float()
 
 
-def forge_model(make, seed=0):
-    return forge_like.sd_model(forge_like.forge_unet(make(seed)), SIGMA_TABLE)
+PATCHERS = [forge_like.UnetPatcher, forge_like.NeoUnetPatcher]   # deep-copying, Neo's shallow clone
+
+
+def forge_model(make, seed=0, patcher=forge_like.UnetPatcher):
+    return forge_like.sd_model(forge_like.forge_unet(make(seed)), SIGMA_TABLE, patcher=patcher)
 
 
 def new_generation(model, params=ON, **kw):
@@ -159,14 +162,15 @@ def test_am_layers_get_replacements_under_forges_keys(make, expect):
 
 
 def test_non_unet_models_are_refused_by_type():
+    """The rule itself is tested in test_model_kinds.py; here: forge_layout applies it."""
     flux = type("Flux", (SimpleNamespace,), {})()
     flux.forge_objects = SimpleNamespace(unet=forge_like.UnetPatcher(
         forge_like.KModel(torch.nn.Linear(4, 4), SIGMA_TABLE)))
-    with pytest.raises(FamRequestError, match=r"flux1\.safetensors is a Flux model \(Linear\) "
-                                              r"without a UNet.*SDXL only"):
+    with pytest.raises(FamRequestError, match=r"^FAM Diffusion needs an SD1\.x/SD2\.x/SDXL UNet "
+                                              r"model; Flux\.1 is a transformer model$"):
         forge_layout(flux, "flux1.safetensors")
-    with pytest.raises(FamRequestError, match="has no UNet"):
-        forge_layout(SimpleNamespace(), "x")
+    with pytest.raises(FamRequestError, match="has no denoising network"):
+        forge_layout(SimpleNamespace(forge_objects=SimpleNamespace()), "x")
 
 
 def test_schedule_from_the_models_sigma_table():
@@ -218,10 +222,30 @@ def test_webui_attention_and_vram_state_follow_forges_current_setting(
     assert low_vram_mode(generation)
 
 
+def test_a_model_loaded_in_parts_on_forge_neo_is_low_vram(monkeypatch):
+    """Neo 2026's `LoadedModel` has no `model_accelerated`: a partial load shows as
+    `model_lowvram` on the torch model under the patcher, and as offloaded bytes."""
+    mem = ModuleType("backend.memory_management")
+    monkeypatch.setitem(sys.modules, "backend.memory_management", mem)
+    mem.vram_state = VRAMState.NORMAL_VRAM
+
+    def loaded(lowvram, offloaded):
+        torch_model = SimpleNamespace(model_lowvram=lowvram)
+        return SimpleNamespace(model=SimpleNamespace(model=torch_model),
+                               model_offloaded_memory=lambda: offloaded)
+    mem.current_loaded_models = [loaded(False, 0)]
+    assert not low_vram_mode("backend")
+    mem.current_loaded_models.append(loaded(True, 0))
+    assert low_vram_mode("backend")
+    mem.current_loaded_models[1:] = [loaded(False, 1 << 20)]
+    assert low_vram_mode("backend")
+
+
 # ---- end to end against the A1111 path ------------------------------------------------------
+@pytest.mark.parametrize("patcher", PATCHERS, ids=["main", "neo"])
 @pytest.mark.parametrize("make", [sd1_like, sdxl_like], ids=["sd1", "sdxl"])
-def test_forge_and_a1111_hosts_agree(make):
-    model = forge_model(make)
+def test_forge_and_a1111_hosts_agree(make, patcher):
+    model = forge_model(make, patcher=patcher)
     plain_f = forge_generate(model, FamParams()).out
     plain_a = generate(make(0), FamParams()).out
     torch.testing.assert_close(plain_f, plain_a, atol=1e-4, rtol=1e-4)   # the stand-ins agree
@@ -360,8 +384,9 @@ def test_double_hires_hook_does_not_stack(with_reset):
     assert twice.unet.model_options["model_function_wrapper"].previous is None
 
 
-def test_the_callers_patcher_is_never_changed_and_is_back_after():
-    model = forge_model(sd1_like)
+@pytest.mark.parametrize("patcher", PATCHERS, ids=["main", "neo"])
+def test_the_callers_patcher_is_never_changed_and_is_back_after(patcher):
+    model = forge_model(sd1_like, patcher=patcher)
     base = model.forge_objects.unet
     foreign = lambda n, c, v, extra: (n, c, v)   # noqa: E731 - another extension's patch
     base.set_model_attn1_patch(foreign)

@@ -1,7 +1,7 @@
 """scripts/fam_diffusion.py on the Forge flavours: `a1111_like.MiniWebUI` (the real script,
 stand-in `modules`) running `forge_like` processing objects, whose hooks come in the order
-and with the UNet resets of Forge main, Forge Classic and reForge. The A1111 miniature on
-the same weights is the reference."""
+and with the UNet resets of Forge main, Forge Neo, ersatzForge, Forge Classic and reForge.
+The A1111 miniature on the same weights is the reference."""
 
 import copy
 import types
@@ -19,11 +19,14 @@ from test_a1111_script import fresh_log, image, web  # noqa: F401 - the same min
 from test_forge import SIGMA_TABLE
 
 FAM = [{"enabled": True}]
-FLAVORS = ["main", "classic", "reforge"]
+FLAVORS = ["main", "neo", "ersatz", "classic", "reforge"]
+BACKEND = ["main", "neo", "ersatz"]     # the `backend/` Forges, with Hires CFG
 
 
-def forge_model(make=sd1_like, title="tiny.safetensors", **flags):
-    return forge_like.sd_model(forge_like.forge_unet(make(0)), SIGMA_TABLE, title=title, **flags)
+def forge_model(make=sd1_like, title="tiny.safetensors", flavor="main", **flags):
+    patcher = forge_like.NeoUnetPatcher if flavor == "neo" else forge_like.UnetPatcher
+    return forge_like.sd_model(forge_like.forge_unet(make(0)), SIGMA_TABLE, title=title,
+                               patcher=patcher, **flags)
 
 
 def txt2img(web, model, args=FAM, **kw):
@@ -39,9 +42,16 @@ def fam_info(info):
     return {k: v for k, v in info.items() if k.startswith("FAM")}
 
 
+def options(patcher):
+    """A patcher's options less the σ schedule Forge Neo's sampler writes into it."""
+    opts = copy.deepcopy(patcher.model_options)
+    opts.get("transformer_options", {}).pop("sampling_sigmas", None)
+    return opts
+
+
 def base_state(model):
     base = model.forge_objects_after_applying_lora.unet
-    return base, (copy.deepcopy(base.model_options), base.extra_preserved_memory_during_sampling)
+    return base, (options(base), base.extra_preserved_memory_during_sampling)
 
 
 def has_fam(patcher):
@@ -57,7 +67,7 @@ def has_fam(patcher):
 def assert_left_as_found(p, model, state):
     base, before = state
     assert not {"sample", "sample_hr_pass", "_fam_generation"} & set(p.__dict__)
-    assert (copy.deepcopy(base.model_options), base.extra_preserved_memory_during_sampling) == before
+    assert (options(base), base.extra_preserved_memory_during_sampling) == before
     assert not has_fam(model.forge_objects.unet)
     assert all("forward" not in m.__dict__ for m in model.forge_objects.unet.model.modules())
 
@@ -65,7 +75,7 @@ def assert_left_as_found(p, model, state):
 # ---- the Forge flavours against the A1111 miniature ------------------------------------------
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_hires_fix_with_fam_on_every_forge_flavour(web, flavor):
-    model = forge_model()
+    model = forge_model(flavor=flavor)
     state = base_state(model)
     plain_p = txt2img(web, model, [], flavor=flavor)
     plain, _ = run(web, plain_p)
@@ -79,12 +89,14 @@ def test_hires_fix_with_fam_on_every_forge_flavour(web, flavor):
     assert torch.equal(again, plain)                                     # plain after FAM
 
 
-def test_forge_main_and_reforge_give_the_a1111_image(web):
-    """Forge main's twice-called hook (first on the old UNet) and reForge's options without
-    cond indices change nothing: both are the A1111 image of the same weights and seed."""
+def test_forge_flavours_give_the_a1111_image(web):
+    """Forge main's twice-called hook (first on the old UNet), Neo's and ersatzForge's single
+    hook around `before_hr`, Neo's shallow clone and its `sampling_sigmas`, and reForge's
+    options without cond indices change nothing: each is the A1111 image of the same weights
+    and seed."""
     ref, ref_info = run(web, web.txt2img(a1111_model(sd1_like(0)), FAM))
-    for flavor in ("main", "reforge"):
-        out, info = run(web, txt2img(web, forge_model(), flavor=flavor))
+    for flavor in ("main", "neo", "ersatz", "reforge"):
+        out, info = run(web, txt2img(web, forge_model(flavor=flavor), flavor=flavor))
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
         assert fam_info(info) == fam_info(ref_info)
 
@@ -138,20 +150,65 @@ def test_classic_first_steps_without_uncond_are_guided_throughout(web):
     assert not {"FAM AM skipped", "FAM note"} & set(info)
 
 
-@pytest.mark.parametrize("sampler", ["DDIM", "UniPC"])
-def test_timestep_samplers(web, sampler):
-    model = forge_model()
-    out, info = run(web, txt2img(web, model, sampler_name=sampler))
-    plain, _ = run(web, txt2img(web, model, [], sampler_name=sampler))
+@pytest.mark.parametrize("flavor, sampler", [(f, s) for f in BACKEND for s in ("DDIM", "UniPC")
+                                              if (f, s) != ("neo", "UniPC")])   # refused below
+def test_timestep_samplers(web, sampler, flavor):
+    model = forge_model(flavor=flavor)
+    out, info = run(web, txt2img(web, model, sampler_name=sampler, flavor=flavor))
+    plain, _ = run(web, txt2img(web, model, [], sampler_name=sampler, flavor=flavor))
     assert not {"FAM AM skipped", "FAM note"} & set(info)
     assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("sampler, hr_sampler", [("UniPC", None), ("Euler", "UniPC")])
+def test_unipc_on_neo_is_refused_naming_the_sampler(web, sampler, hr_sampler):
+    """Neo runs UniPC as a k-diffusion sampler on a copy of its latent: FM could not reach
+    it. The high-res pass refuses it before its first step (a 422), and the first pass,
+    which only records, runs as chosen."""
+    model = forge_model(flavor="neo")
+    state = base_state(model)
+    p = txt2img(web, model, sampler_name=sampler, hr_sampler_name=hr_sampler, flavor="neo")
+    with pytest.raises(FamRequestError, match="^FAM Diffusion cannot guide the sampler UniPC "
+                                              "in this WebUI") as e:
+        web.process_images(p)
+    assert e.value.status_code == 422 and "Euler" in str(e.value)
+    assert p.sampler.model_wrap_cfg.calls == []          # no high-res step ran
+    assert_left_as_found(p, model, state)
+    plain, _ = run(web, txt2img(web, model, [], sampler_name=sampler, hr_sampler_name=hr_sampler,
+                                flavor="neo"))
+    assert torch.isfinite(plain).all()                    # without FAM Neo's UniPC runs
+
+
+def test_neo_writes_the_schedule_into_the_patcher_fam_put_in_place(web):
+    """Neo's sampler writes `sampling_sigmas` into whichever patcher is active: FAM's clone
+    takes it (every attn1 patch sees it among its options), the base patcher stays clean."""
+    model = forge_model(flavor="neo")
+    base = model.forge_objects_after_applying_lora.unet
+    seen = []
+    p = txt2img(web, model, flavor="neo")
+    real = p.create_sampler
+
+    def create_sampler(name):
+        sampler = real(name)
+        cfg_forward = sampler.model_wrap_cfg.forward
+
+        def forward(*a, **k):
+            seen.append("sampling_sigmas" in p.sd_model.forge_objects.unet.model_options["transformer_options"])
+            return cfg_forward(*a, **k)
+        sampler.model_wrap_cfg.forward = forward
+        return sampler
+    p.create_sampler = create_sampler
+    _, info = run(web, p)
+    assert seen and all(seen) and "FAM note" not in info
+    assert "sampling_sigmas" not in base.model_options["transformer_options"]
+
+
 # ---- img2img and the upscale button -----------------------------------------------------------
-@pytest.mark.parametrize("flavor", ["main", "classic"])
+@pytest.mark.parametrize("flavor", ["main", "neo", "ersatz", "classic"])
 def test_img2img_upscaling_on_the_reference_path(web, flavor):
     unet = forge_like.forge_unet(sd1_without_top_attention())
-    model = forge_like.sd_model(unet, SIGMA_TABLE)
+    patcher = forge_like.NeoUnetPatcher if flavor == "neo" else forge_like.UnetPatcher
+    model = forge_like.sd_model(unet, SIGMA_TABLE, patcher=patcher)
     state = base_state(model)
     kw = dict(init_images=[image()], width=520, height=520, flavor=flavor)
     p = forge_like.Img2Img(web, model, [{"enabled": True, "full_renoise": False}], **kw)
@@ -173,7 +230,7 @@ def test_upscale_button(web):
 # ---- everything off, whatever happens -------------------------------------------------------
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_an_exception_in_the_hires_pass_leaves_nothing_behind(web, flavor):
-    model = forge_model()
+    model = forge_model(flavor=flavor)
     state = base_state(model)
     p = txt2img(web, model, flavor=flavor)
     hr_pass = p.sample_hr_pass
@@ -188,7 +245,7 @@ def test_an_exception_in_the_hires_pass_leaves_nothing_behind(web, flavor):
     del p.sample_hr_pass
     assert_left_as_found(p, model, state)
     plain, _ = run(web, txt2img(web, model, [], flavor=flavor))
-    ref, _ = run(web, txt2img(web, forge_model(), [], flavor=flavor))
+    ref, _ = run(web, txt2img(web, forge_model(flavor=flavor), [], flavor=flavor))
     assert torch.equal(plain, ref)
 
 
@@ -200,7 +257,7 @@ def flux_model():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda web, m: txt2img(web, flux_model()), r"flux1-dev\.safetensors is a Flux model"),
+    (lambda web, m: txt2img(web, flux_model()), r"Flux\.1 is a transformer model"),
     (lambda web, m: txt2img(web, m, [{"enabled": True, "am_lambda": 3}]), "am_lambda"),
     (lambda web, m: txt2img(web, m, [True, "x"]), "fm_enabled|FM"),
     (lambda web, m: txt2img(web, m, enable_hr=False), "enable Hires. fix"),

@@ -11,9 +11,9 @@ pytest.importorskip("safetensors")
 from fam.quality import am_verdict, main, table
 
 
-def row(method, value, n=64, scale=2, metric="coherent_stripes"):
+def row(method, value, n=64, scale=2, metric="coherent_stripes", world="stripes"):
     se = (value * (1 - value) / n) ** 0.5
-    return dict(world="stripes", scale=scale, method=method, n=n, metric=metric,
+    return dict(world=world, scale=scale, method=method, n=n, metric=metric,
                 value=value, se=se)
 
 
@@ -30,14 +30,30 @@ def test_am_verdict_needs_more_than_twice_the_se_of_the_difference():
     assert am_verdict([row("fam", 0.5, metric="one_round_disc")]) == []
 
 
+def test_am_verdict_of_world_3_is_on_copies_agree():
+    rows = [row(m, v, metric=k, world="copies") for m, v in (("fam", 0.6), ("fm_only", 0.2))
+            for k in ("copies_agree", "two_patches")]
+    lines = am_verdict(rows)
+    assert lines == am_verdict(rows, "copies") and len(lines) == 1
+    assert lines[0].startswith("2x copies agree: FAM (defaults) - FAM, FM only = +0.40")
+    assert lines[0].endswith("AM helps")
+    assert am_verdict(rows, "stripes") == []
+
+
+def test_unknown_method_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--method", "fam:lambda=7", "--n", "1"])
+    assert e.value.code == 2 and "am_lambda" in capsys.readouterr().err
+
+
 def test_json_rows_table_and_grid(tmp_path, capsys):
     args = ["--world", "stripes", "--scale", "1.25", "--method", "hires_1.0", "fam",
-            "--n", "1", "--out", str(tmp_path), "--no-progress", "--threads", "1"]
+            "native:attention=off", "--n", "1", "--out", str(tmp_path), "--no-progress", "--threads", "1"]
     assert main(args + ["--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     rows = out["rows"]
     assert {(r["scale"], r["method"]) for r in rows} == {(1, "native"), (1.25, "hires_1.0"),
-                                                          (1.25, "fam")}
+                                                          (1.25, "fam"), (1, "native:attention=off")}
     assert {r["metric"] for r in rows} == {"one_round_disc", "coherent_stripes",
                                            "native_orientation"}
     for r in rows:
@@ -48,4 +64,5 @@ def test_json_rows_table_and_grid(tmp_path, capsys):
     md = table(rows, "stripes", [1.25])
     assert md.splitlines()[0] == ("| method | 1.25× one round disc | 1.25× coherent stripes "
                                   "| 1.25× native orientation |")
-    assert len(md.splitlines()) == 2 + 3
+    assert len(md.splitlines()) == 2 + 4
+    assert "| native, self-attention off |" in md

@@ -11,7 +11,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("safetensors")
 
 from fam.toy import METHODS, WORLDS, load
-from fam.toy.metrics import round_disc, score, stripes
+from fam.toy.metrics import copy_agreement, round_disc, score, stripes, two_patches
 from fam.toy.model import CHECKPOINTS, to_image, to_model
 
 
@@ -112,6 +112,72 @@ def test_stripe_metrics_measure_texture_and_orientation():
     assert not score("stripes", noisy, native, 2)["coherent_stripes"]
 
 
+def patch_pair(scale, texture_b=None, size=(8, 8), shift=0, colour=(0.3, 0.8, 0.9), seed=0):
+    """Two 8 px copies (texture_b: the second copy's own texture) at fixed places, magnified."""
+    rng = np.random.default_rng(seed)
+    w = rng.random((8, 8))
+    tex = 0.65 + 0.45 * (w - w.reshape(4, 2, 4, 2).mean((1, 3)).repeat(2, 0).repeat(2, 1))
+    img = np.zeros((32 * scale, 32 * scale, 3))
+    for (y, x), t, (h, wd) in (((4, 4), tex, (8, 8)), ((18, 20 + shift), texture_b if texture_b is not None else tex, size)):
+        block = np.kron(t[:h, :wd], np.ones((scale, scale)))
+        img[y * scale:(y + h) * scale, x * scale:(x + wd) * scale] = block[..., None] * np.asarray(colour)
+    return img
+
+
+def test_copies_world_places_two_identical_patches_far_apart():
+    x = WORLDS["copies"].images(60, torch.Generator().manual_seed(4)).permute(0, 2, 3, 1).numpy()
+    for img in x:
+        (ya, xa, ha, wa), (yb, xb, hb, wb) = two_patches(img)
+        assert (ha, wa, hb, wb) == (8, 8, 8, 8) and ya % 2 == xa % 2 == yb % 2 == xb % 2 == 0
+        assert math.hypot(ya - yb, xa - xb) >= 16
+        assert np.array_equal(img[ya:ya + 8, xa:xa + 8], img[yb:yb + 8, xb:xb + 8])
+        lum = img[ya:ya + 8, xa:xa + 8].mean(-1)
+        assert lum.std() / lum.mean() > 0.1                       # textured
+        cells = lum.reshape(4, 2, 4, 2).mean((1, 3))
+        assert np.ptp(cells) < 1e-5                               # only the finest frequencies
+
+
+@pytest.mark.parametrize("scale", [1, 2, 3])
+def test_copy_metrics_pass_copies_and_reject_everything_else(scale):
+    ok = score("copies", patch_pair(scale), None, scale)
+    assert ok == {"two_patches": True, "copies_agree": True}
+    assert score("copies", patch_pair(scale, shift=0), None, scale)["copies_agree"]
+    other = 0.65 + 0.45 * (np.random.default_rng(9).random((8, 8)) - 0.5)
+    apart = score("copies", patch_pair(scale, texture_b=other), None, scale)
+    assert apart == {"two_patches": True, "copies_agree": False}
+    flat = patch_pair(scale, texture_b=np.full((8, 8), 0.65))
+    assert not score("copies", flat, None, scale)["copies_agree"]
+    ramp = np.linspace(0.4, 1.0, 8)[None, :] * np.ones((8, 1))
+    shaded = patch_pair(scale, texture_b=ramp + 0.3 * (other - 0.65))
+    shaded[4 * scale:12 * scale, 4 * scale:12 * scale] *= np.kron(ramp / ramp.mean(), np.ones((scale, scale)))[..., None]
+    assert not score("copies", shaded, None, scale)["copies_agree"]   # shared shading only
+    assert score("copies", patch_pair(scale, size=(8, 5)), None, scale) == {
+        "two_patches": False, "copies_agree": False}                    # not a square
+    one = patch_pair(scale)
+    one[18 * scale:, :] = 0
+    assert not score("copies", one, None, scale)["two_patches"]
+    three = patch_pair(scale)
+    three[2 * scale:10 * scale, 20 * scale:28 * scale] = three[4 * scale:12 * scale, 4 * scale:12 * scale]
+    assert not score("copies", three, None, scale)["two_patches"]
+
+
+def test_copy_agreement_threshold_separates_copies_from_independent_textures():
+    """The threshold (0.6) lies above independent world textures (all 100 pairs here)."""
+    g = torch.Generator().manual_seed(11)
+    x, y = (WORLDS["copies"].images(100, g).permute(0, 2, 3, 1).numpy() for _ in range(2))
+    values = []
+    for a, b in zip(x, y):
+        boxes = two_patches(a)
+        (ya, xa, _, _), (yb, xb, _, _) = boxes
+        (yy, xx, _, _) = two_patches(b)[0]
+        mixed = a.copy()
+        src = b[yy:yy + 8, xx:xx + 8]
+        mixed[yb:yb + 8, xb:xb + 8] = src / src.max((0, 1)) * a[ya:ya + 8, xa:xa + 8].max((0, 1))
+        values.append(copy_agreement(mixed, boxes, 1))
+        assert copy_agreement(a, boxes, 1) > 0.999
+    assert max(values) < 0.6 and 0.1 < np.mean(values) < 0.4
+
+
 def test_training_is_deterministic():
     from fam.toy.train import train
     a, pa, rec = train("stripes", steps=2, batch=2, lr=1e-3, warmup=1, ema=0.9, seed=3,
@@ -123,6 +189,20 @@ def test_training_is_deterministic():
         assert torch.equal(x, y), k
 
 
+def test_training_continues_from_a_checkpoint_of_its_world():
+    from fam.toy.model import load_checkpoint
+    from fam.toy.train import train
+    start = load_checkpoint(CHECKPOINTS / "stripes")
+    unet, prompt, _ = train("stripes", steps=1, batch=2, lr=0.0, warmup=1, ema=0.9, seed=5,
+                            threads=1, progress=False, init=CHECKPOINTS / "stripes")
+    assert torch.equal(prompt, start.prompt)                      # not the seed's prompt
+    for (k, x), y in zip(unet.state_dict().items(), start.unet.state_dict().values()):
+        assert torch.equal(x, y), k                               # lr 0: the weights it started from
+    with pytest.raises(ValueError, match="world 'disc', not 'stripes'"):
+        train("stripes", steps=1, batch=2, lr=0.0, warmup=1, ema=0.9, seed=5, threads=1,
+              progress=False, init=CHECKPOINTS / "disc")
+
+
 @pytest.mark.parametrize("world", list(WORLDS))
 def test_shipped_checkpoints(world):
     st, meta = CHECKPOINTS / f"{world}.safetensors", CHECKPOINTS / f"{world}.json"
@@ -132,8 +212,14 @@ def test_shipped_checkpoints(world):
     model = load(world)
     assert model is not None and load(WORLDS[world].number).world == model.world
     from fam.layers import discover
-    am = discover(model.unet).am_layers()
-    assert {l.name.split(".attentions")[0] for l in am} == {"up_blocks.1"}
+    layout = discover(model.unet)
+    am = {l.name.split(".attentions")[0] for l in layout.am_layers()}
+    if world == "copies":       # every self-attention layer is in the up-blocks, where AM acts
+        assert am == {"up_blocks.0"}
+        assert {l.block for l in layout.layers} == {"output"}
+        assert {l.index for l in layout.layers} == {0, 1, 2, 3}
+    else:
+        assert am == {"up_blocks.1"}
 
 
 def test_load_names_the_worlds_on_a_typo():
@@ -155,3 +241,35 @@ def test_render_every_method():
     assert torch.equal(again["native"], out["native"]) and torch.equal(again["fam"], out["fam"])
     with pytest.raises(ValueError, match="unknown method"):
         model.render(["famous"], 2, 0)
+
+
+def test_native_pass_without_self_attention():
+    from fam.toy import NO_ATTENTION, self_attention_off
+    model = load("disc")
+    model.steps = 3
+    before = {n: m.processor for n, m in model.unet.named_modules() if n.endswith("attn1")}
+    out = model.render(["native", NO_ATTENTION], 2, seed=1, batch=2)
+    assert out[NO_ATTENTION].shape == out["native"].shape == (2, 3, 32, 32)
+    assert not torch.equal(out[NO_ATTENTION], out["native"])      # the layers did something
+    assert {n: m.processor for n, m in model.unet.named_modules() if n.endswith("attn1")} == before
+    with pytest.raises(RuntimeError), self_attention_off(model.unet):
+        raise RuntimeError("a failed sample")
+    assert {n: m.processor for n, m in model.unet.named_modules() if n.endswith("attn1")} == before
+    again = model.render(["native"], 2, seed=1, batch=2)["native"]
+    assert torch.equal(again, out["native"])                      # nothing leaked
+    with self_attention_off(model.unet):                          # the same as the method
+        x = model.render(["native"], 2, seed=1, batch=2)["native"]
+    assert torch.equal(x, out[NO_ATTENTION])
+
+
+def test_method_variants_change_one_am_setting():
+    from fam.toy import method
+    m = method("fam:lambda=0.3")
+    assert m.params == METHODS["fam"].params.replace(am_lambda=0.3) and m.label == "FAM, λ 0.3"
+    b = method("am_only:blocks=2,3")
+    assert b.params == METHODS["am_only"].params.replace(am_blocks="2,3")
+    assert b.label == "FAM, AM only, AM blocks 2,3"
+    assert method("fam") is METHODS["fam"]
+    for bad in ("hires_1.0:lambda=0.3", "fam:lambda", "fam:rho=1", "fam:lambda=2", "fam:blocks=x"):
+        with pytest.raises(ValueError, match="method|FAM setting"):
+            method(bad)

@@ -26,7 +26,8 @@ from ..record import Role
 from ..schedule import VPSchedule
 from .sdxl import with_native_size
 from .unet_hooks import LATENT_FACTOR, NativeCall, UNetHooks, _Current
-from .webui import WebUIGeneration, find_script, model_name
+from .webui import (WebUIGeneration, alphas_cumprod_schedule, check_model, find_script,
+                    model_name)
 from .webui_args import FamRequestError
 
 __all__ = ["a1111_roles", "cond_repeats", "RowCursor", "Attn1Hook", "A1111Hooks",
@@ -199,20 +200,17 @@ def native_hints(p, unet) -> NativeHints | None:
 
 
 def unet_layout(sd_model) -> UNetLayout:
-    unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
-    if unet is None:
-        raise FamRequestError(f"FAM: {model_name(sd_model)} has no UNet (SD1.x, SD2.x, SDXL only)")
+    """The attn1 layers of an ldm/sgm UNet, or a request error naming the model family."""
+    check_model(sd_model)
     try:
-        return discover(unet)
+        return discover(sd_model.model.diffusion_model)
     except LayerSelectionError as e:
         raise FamRequestError(f"FAM: {model_name(sd_model)}: {e}") from e
 
 
 def model_schedule(sd_model) -> VPSchedule:
-    try:
-        return VPSchedule(sd_model.alphas_cumprod)
-    except ValueError:  # downcast ᾱ (opts.use_downcasted_alpha_bar) can repeat values
-        return VPSchedule(sd_model.alphas_cumprod_original)
+    """The σ table A1111's samplers use for this batch (read inside `p.sample`)."""
+    return alphas_cumprod_schedule(sd_model)
 
 
 class _Inputs(NamedTuple):

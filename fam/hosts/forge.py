@@ -22,12 +22,13 @@ from ..schedule import VPSchedule
 from .patcher import Attention, PatcherHooks, sdpa_attention
 from .sdxl import native_size_vector, with_native_size
 from .unet_hooks import LATENT_FACTOR
-from .webui import WebUIGeneration, model_name
+from .webui import WebUIGeneration, alphas_cumprod_schedule, check_model, model_name
 from .webui.extensions import patcher_refusal
 from .webui_args import FamRequestError
 
 __all__ = ["ForgeGeneration", "ForgeHost", "HOST", "forge_layout", "forge_schedule",
-           "native_vector_fn", "forge_generation", "webui_attention", "low_vram_mode"]
+           "sampler_schedule", "native_vector_fn", "forge_generation", "webui_attention",
+           "low_vram_mode"]
 
 _RESERVED = "_fam_reserved_bytes"  # what FAM added to a clone's preserved sampling memory
 
@@ -65,13 +66,25 @@ def webui_attention(generation: str) -> Attention:
     return lambda q, k, v, heads: getattr(module, attr)(q, k, v, heads)
 
 
+def _loaded_in_parts(loaded: Any) -> bool:
+    """A model Forge's memory manager could not load whole: Forge main and ersatzForge mark
+    its `LoadedModel` `model_accelerated`; Forge Neo (2026) marks the torch model under its
+    patcher `model_lowvram` and reports the bytes left on the CPU."""
+    if getattr(loaded, "model_accelerated", False):
+        return True
+    offloaded = getattr(loaded, "model_offloaded_memory", None)
+    if callable(offloaded) and offloaded() > 0:
+        return True
+    torch_model = getattr(getattr(loaded, "model", None), "model", None)
+    return bool(getattr(torch_model, "model_lowvram", False))
+
+
 def low_vram_mode(generation: str) -> bool:
     """Forge runs in low- or no-VRAM mode, or had to load a model in parts (it swaps modules
     to the CPU when one does not fit): FAM then keeps its record in RAM."""
     memory = _webui_module(_WEBUI[generation][2])
     state = getattr(getattr(memory, "vram_state", None), "name", "")
-    swapped = any(getattr(m, "model_accelerated", False)
-                  for m in getattr(memory, "current_loaded_models", ()))
+    swapped = any(_loaded_in_parts(m) for m in getattr(memory, "current_loaded_models", ()))
     return state in ("LOW_VRAM", "NO_VRAM") or swapped
 
 
@@ -92,19 +105,13 @@ def native_vector_fn(sd_model) -> Callable[[torch.Tensor, int, int], torch.Tenso
 
 
 def forge_layout(sd_model: Any, model_name: str = "this model") -> UNetLayout:
-    """The attn1 layers of a Forge model's UNet, or a request error naming the model type
+    """The attn1 layers of a Forge model's UNet, or a request error naming the model family
     (Flux, SD3, Chroma and Neo's other transformers have no UNet)."""
-    net = getattr(getattr(getattr(getattr(sd_model, "forge_objects", None), "unet", None),
-                          "model", None), "diffusion_model", None)
-    kind = f"{type(sd_model).__name__} model ({type(net).__name__})"
-    if net is None:
-        raise FamRequestError(f"FAM: {model_name} has no UNet; FAM supports SD1.x, SD2.x and SDXL")
+    check_model(sd_model)
     try:
-        return discover(net)
+        return discover(sd_model.forge_objects.unet.model.diffusion_model)
     except LayerSelectionError as e:
-        raise FamRequestError(
-            f"FAM: {model_name} is a {kind} without a UNet; FAM supports SD1.x, SD2.x and "
-            f"SDXL only. Turn FAM off for this model. ({e})") from e
+        raise FamRequestError(f"FAM: {model_name}: {e}") from e
 
 
 def forge_schedule(k_model: Any) -> VPSchedule:
@@ -117,6 +124,17 @@ def forge_schedule(k_model: Any) -> VPSchedule:
                               "SDXL have one)")
     s = sigmas.detach().double().cpu()
     return VPSchedule(1.0 / (1.0 + s * s))
+
+
+def sampler_schedule(sd_model: Any) -> VPSchedule:
+    """The σ table Forge's sampler runs on for this batch (read inside `p.sample`, after
+    the ZTSNR override): the predictor's in `backend/`; in Forge Classic and reForge the ldm
+    model's `alphas_cumprod`, which their A1111 samplers are built from and which is the one
+    table their ZTSNR rescales (Classic leaves `model_sampling` plain)."""
+    if forge_generation(sd_model) == "ldm_patched" and isinstance(
+            getattr(sd_model, "alphas_cumprod", None), torch.Tensor):
+        return alphas_cumprod_schedule(sd_model)
+    return forge_schedule(sd_model.forge_objects.unet.model)
 
 
 class ForgeGeneration(WebUIGeneration):
@@ -223,7 +241,7 @@ class ForgeHost:
         generation, name = forge_generation(sd_model), model_name(sd_model)
         layout = forge_layout(sd_model, name)
         try:
-            return ForgeGeneration(params, layout, forge_schedule(sd_model.forge_objects.unet.model),
+            return ForgeGeneration(params, layout, sampler_schedule(sd_model),
                                    name, attention=webui_attention(generation),
                                    low_vram=low_vram_mode(generation))
         except LayerSelectionError as e:

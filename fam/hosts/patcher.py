@@ -138,10 +138,13 @@ def _through(previous, apply_model, args):
 
 
 class _Inputs(NamedTuple):
-    """A UNet batch as the wrapper got it: the wrapper below FAM's, the model, the args."""
+    """A UNet batch as the wrapper got it: the wrapper below FAM's, the model, the args, and
+    the batch's ControlNet object where the host can name it (its residuals in `args` are
+    consumed by the UNet and made for this batch's size: native-size calls need their own)."""
     previous: Any
     apply_model: Callable
     args: dict
+    control: Any = None
 
 
 class PatcherHooks(UNetHooks):
@@ -292,16 +295,22 @@ class PatcherHooks(UNetHooks):
         kinds = inputs.args.get("cond_or_uncond") or ()
         if self._after_cfg:
             if self.run.phase == NATIVE:   # not the native image's features: not recorded
-                return _through(*inputs)
+                return _through(inputs.previous, inputs.apply_model, inputs.args)
             roles = self._roles_by_prompt(inputs.args, len(kinds))
         else:
-            roles = chunk_roles(kinds, x.shape[0], self._part)
-            self._part += sum(1 for k in kinds if k == 0)
+            roles = self._roles(inputs.args, x.shape[0])
             self._keep_chunks(inputs.args, roles, len(kinds))
         # the CFG call's σ when the host gave it, else one read (the UNet always gets σ)
         sigma = self.sigma if self.sigma is not None else float(t.flatten()[0])
         self.open_call(sigma, roles, x, inputs)
-        return self.inside(_through, *inputs)
+        return self.inside(_through, inputs.previous, inputs.apply_model, inputs.args)
+
+    def _roles(self, args: Mapping[str, Any], rows: int) -> list[Role]:
+        """Row roles of one UNet batch; AND parts are counted through the CFG step."""
+        kinds = args.get("cond_or_uncond") or ()
+        roles = chunk_roles(kinds, rows, self._part)
+        self._part += sum(1 for k in kinds if k == 0)
+        return roles
 
     def _keep_chunks(self, args: Mapping[str, Any], roles: Sequence[Role], chunks: int) -> None:
         """The prompt of each chunk of this step's CFG batches, with its rows' roles."""
@@ -342,25 +351,32 @@ class PatcherHooks(UNetHooks):
         again at the native size."""
         args = dict(call.inputs.args)
         c = {k: v for k, v in args["c"].items() if k not in ("control", "control_model")}
-        control = self._control(current, args["input"], args["timestep"], args, c)
+        control = self._control(current.inputs.args, args["input"], args["timestep"], args, c)
         if control is not None:
             c["control"] = control
         args["c"] = c
         self.inside(_through, call.inputs.previous, current.inputs.apply_model, args)
 
     def _replay_reference(self, z: torch.Tensor, sigma: float, current: _Current) -> None:
-        args = current.inputs.args
-        kwargs = native_kwargs(args["c"], z.shape[-2:])
+        kwargs = self._native_kwargs(current.inputs, z)
+        self.inside(current.inputs.apply_model, z, current.inputs.args["timestep"], **kwargs)
+
+    def _native_kwargs(self, inputs: _Inputs, z: torch.Tensor) -> dict:
+        """UNet kwargs of the batch `inputs` for its rows at z's native size (SDXL's `y`
+        saying that size, ControlNet residuals its units make at that size)."""
+        kwargs = native_kwargs(inputs.args["c"], z.shape[-2:])
         if self.native_vector is not None and isinstance(kwargs.get("y"), torch.Tensor):
             h, w = (LATENT_FACTOR * n for n in z.shape[-2:])
             kwargs["y"] = self.native_vector(kwargs["y"], h, w)
-        control = self._control(current, z, args["timestep"], args, kwargs)
+        control = self._control(inputs.args, z, inputs.args["timestep"], inputs.args, kwargs)
         if control is not None:
             kwargs["control"] = control
-        self.inside(current.inputs.apply_model, z, args["timestep"], **kwargs)
+        return kwargs
 
-    def _control(self, current: _Current, x, t, args: Mapping[str, Any], cond) -> Any:
+    def _control(self, units: Mapping[str, Any], x, t, args: Mapping[str, Any], cond) -> Any:
+        """Residuals of the ControlNet units of the batch `units` for the rows of the batch
+        `args` at x's size."""
         chunks = len(args.get("cond_or_uncond") or ()) or 1
-        control = native_control(current.inputs.args["c"], x, t, chunks, cond)
+        control = native_control(units["c"], x, t, chunks, cond)
         self.controlnet_calls += control is not None
         return control

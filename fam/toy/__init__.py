@@ -7,7 +7,8 @@ high-resolution failure FAM fixes is real and measurable without downloading a m
     images = model.render(["native", "hires_1.0", "fam"], scale=2, seed=0, batch=8)
 """
 
-from .render import METHODS, Method, ToyModel, load
+from .render import METHODS, NO_ATTENTION, Method, ToyModel, load, method, self_attention_off
 from .worlds import WORLDS, World
 
-__all__ = ["load", "ToyModel", "METHODS", "Method", "WORLDS", "World"]
+__all__ = ["load", "ToyModel", "METHODS", "Method", "method", "NO_ATTENTION", "self_attention_off",
+           "WORLDS", "World"]

@@ -15,6 +15,9 @@ components smaller than `SPECK` of the image are specks and ignored.
   halves 90° apart: 0; 45° apart: 0.71; isotropic noise: ≈ 0).
 - `native_orientation` (world 2): coherent stripes in both images whose orientations agree
   within `ANGLE_TOL` degrees.
+- `two_patches` (world 3): exactly two objects, each a filled square (bounding-box aspect
+  ≥ `ASPECT`, ≥ `SQUARE_FILL` of its box filled), sides within `SIZE_RATIO` of each other.
+- `copies_agree` (world 3): two patches whose textures agree: `copy_agreement` ≥ `AGREEMENT`.
 
 The thresholds were fixed from the worlds' own images at 1×, 2× and 3× and from constructed
 failures (tests/test_toy.py) before any FAM output was scored; docs/quality.md says why."""
@@ -26,7 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Disc", "objects", "round_disc", "stripes", "score", "METRICS"]
+__all__ = ["Disc", "objects", "round_disc", "stripes", "two_patches", "copy_agreement",
+           "score", "METRICS"]
 
 THRESHOLD = 0.15
 SPECK = 0.01
@@ -37,9 +41,13 @@ RADIUS_TOL = (0.8, 1.25)
 CONTRAST = 0.08
 COHERENCE = 0.7
 ANGLE_TOL = 15.0
+SQUARE_FILL = 0.85
+SIZE_RATIO = 1.25
+AGREEMENT = 0.6
 
 METRICS = {"disc": ("one_round_disc", "matches_native"),
-           "stripes": ("one_round_disc", "coherent_stripes", "native_orientation")}
+           "stripes": ("one_round_disc", "coherent_stripes", "native_orientation"),
+           "copies": ("two_patches", "copies_agree")}
 
 
 @dataclass(frozen=True)
@@ -122,8 +130,66 @@ def _coherent(img, disc):
     return angle if contrast >= CONTRAST and coherence >= COHERENCE else None
 
 
+def two_patches(img: np.ndarray) -> list[tuple[int, int, int, int]] | None:
+    """Bounding boxes (y, x, h, w) of the image's two square patches, or None."""
+    objs = objects(img)
+    if len(objs) != 2:
+        return None
+    boxes = []
+    for mask in objs:
+        ys, xs = np.nonzero(mask)
+        h, w = np.ptp(ys) + 1, np.ptp(xs) + 1
+        if min(h, w) / max(h, w) < ASPECT or len(ys) < SQUARE_FILL * h * w:
+            return None
+        boxes.append((int(ys.min()), int(xs.min()), int(h), int(w)))
+    (_, _, ha, wa), (_, _, hb, wb) = boxes
+    sides = sorted((math.sqrt(ha * wa), math.sqrt(hb * wb)))
+    return boxes if sides[1] <= SIZE_RATIO * sides[0] else None
+
+
+def _pool(x: np.ndarray, k: int) -> np.ndarray:
+    """Adaptive average pooling of a square (S, S) array to (k, k) (torch's bins)."""
+    S = x.shape[0]
+    edges = [(i * S // k, -(-(i + 1) * S // k)) for i in range(k)]
+    return np.array([[x[a:b, c:d].mean() for c, d in edges] for a, b in edges])
+
+
+def copy_agreement(img: np.ndarray, boxes, scale: float) -> float:
+    """How far the two patches carry the same texture, seen on the native pixel grid:
+    the correlation of their high-pass luminance. Both patches are cut at their boxes'
+    top-left corners to the smaller side, averaged to native pixels, high-passed (minus the
+    3×3 mean; shading shared by the copies does not count), and correlated over the inner
+    part (one native pixel off the edge); the best of the nine 1-px offsets of the second
+    copy is taken (an edge misdrawn by a pixel does not count either)."""
+    lum = img.mean(-1)
+    side = min(min(h, w) for _, _, h, w in boxes)
+    k = max(3, round(side / scale))
+
+    def texture(y, x):
+        if y < 0 or x < 0 or y + side > lum.shape[0] or x + side > lum.shape[1]:
+            return None
+        p = _pool(lum[y:y + side, x:x + side], k)
+        padded = np.pad(p, 1, mode="edge")
+        mean3 = sum(padded[i:i + k, j:j + k] for i in range(3) for j in range(3)) / 9
+        t = (p - mean3)[1:-1, 1:-1].ravel()
+        return t - t.mean()
+
+    (ya, xa, _, _), (yb, xb, _, _) = boxes
+    a, best = texture(ya, xa), -1.0
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            b = texture(yb + dy, xb + dx)
+            if b is not None:
+                best = max(best, float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12)))
+    return best
+
+
 def score(world: str, img: np.ndarray, native: np.ndarray, scale: float) -> dict[str, bool]:
     """Every metric of `world` for one image and the native image it came from."""
+    if world == "copies":
+        boxes = two_patches(img)
+        return {"two_patches": boxes is not None,
+                "copies_agree": boxes is not None and copy_agreement(img, boxes, scale) >= AGREEMENT}
     disc, ref = round_disc(img), round_disc(native)
     out = {"one_round_disc": disc is not None}
     if world == "disc":

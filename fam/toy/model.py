@@ -1,5 +1,6 @@
-"""The toy model: a tiny diffusers UNet (SD1.5-like layout with attention in the middle
-level only), its sampler, the fixed "prompt", and the shipped checkpoints
+"""The toy models: tiny diffusers UNets (worlds 1–2: SD1.5-like attention in the middle
+level only; world 3: self-attention only in the up-blocks, at 8×8 and 16×16 tokens), their
+sampler, the fixed "prompt", and the shipped checkpoints
 (`fam/toy/checkpoints/<world>.safetensors` in fp16 + `<world>.json`)."""
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["UNET_CONFIG", "SCHEDULER_CONFIG", "NATIVE", "CHECKPOINTS", "build_unet",
+__all__ = ["UNET_CONFIG", "UNET_CONFIGS", "unet_config", "SCHEDULER_CONFIG", "NATIVE",
+           "CHECKPOINTS", "build_unet",
            "make_scheduler", "save_checkpoint", "load_checkpoint", "Checkpoint", "to_model",
            "to_image"]
 
@@ -21,10 +23,19 @@ UNET_CONFIG = dict(
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     attention_head_dim=8, norm_num_groups=8, cross_attention_dim=16)
+# World 3: every self-attention layer is one AM can modulate (up-blocks only, none on the way
+# down), at the two coarse levels: 8×8 tokens (4×4 px each) and 16×16 (one 2×2 texture cell).
+UNET_CONFIGS = {"copies": dict(
+    UNET_CONFIG, down_block_types=("DownBlock2D",) * 3, mid_block_type=None,
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))}
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear",
                         beta_start=0.00085, beta_end=0.012, prediction_type="epsilon")
 PROMPT_KEY = "fam_toy.prompt_embeds"          # the fixed (1, 2, 16) conditioning
 CHECKPOINTS = Path(__file__).with_name("checkpoints")
+
+
+def unet_config(world: str) -> dict:
+    return UNET_CONFIGS.get(world, UNET_CONFIG)
 
 
 def to_model(images: torch.Tensor) -> torch.Tensor:

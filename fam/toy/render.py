@@ -4,6 +4,7 @@ plain Hires fix and FAM (full or ablated), all from the same native pass and noi
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -13,7 +14,8 @@ from ..params import FamParams
 from .model import CHECKPOINTS, load_checkpoint, make_scheduler, to_image
 from .worlds import WORLDS, World
 
-__all__ = ["Method", "METHODS", "ToyModel", "load", "to_image"]
+__all__ = ["Method", "METHODS", "method", "NO_ATTENTION", "self_attention_off", "ToyModel", "load",
+           "to_image"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,34 @@ METHODS = {m.name: m for m in (
     Method("fm_only", "FAM, FM only", FamParams(enabled=True, am_enabled=False)),
     Method("am_only", "FAM, AM only", FamParams(enabled=True, fm_enabled=False)),
 )}
+# The native pass with every self-attention layer's output 0: does the model need its
+# attention for the world's structure? (The feasibility check of docs/quality.md.)
+NO_ATTENTION = "native:attention=off"
+_VARIANTS = {"lambda": ("am_lambda", float, "λ {}"), "blocks": ("am_blocks", str, "AM blocks {}")}
+
+
+def method(name: str) -> Method:
+    """A method by name: one of METHODS, or FAM / AM only with one AM setting changed, for
+    the sweeps that choose the defaults: `fam:lambda=0.3`, `am_only:blocks=2,3` (ldm
+    output-block indices, as FamParams.am_blocks takes them)."""
+    if name in METHODS:
+        return METHODS[name]
+    if name == NO_ATTENTION:
+        return Method(name, "native, self-attention off")
+    base, _, change = name.partition(":")
+    key, _, value = change.partition("=")
+    if base not in ("fam", "am_only") or key not in _VARIANTS or not value:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}, or "
+                         f"fam / am_only with :lambda=<0-1> or :blocks=<i,j,...>, or {NO_ATTENTION}")
+    field, kind, label = _VARIANTS[key]
+    m = METHODS[base]
+    try:
+        params = m.params.replace(**{field: kind(value)})
+    except ValueError as e:
+        raise ValueError(f"method {name!r}: {e}") from None
+    shown = params.am_blocks if key == "blocks" else f"{params.am_lambda:g}"
+    base_label = "FAM" if base == "fam" else m.label
+    return Method(name, f"{base_label}, {label.format(shown)}", params)
 
 
 @dataclass
@@ -59,15 +89,16 @@ class ToyModel:
         called after each method."""
         from ..hosts.diffusers import generate
         methods = list(methods)
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        resolved = {name: method(name) for name in methods}
         hw = (round(self.native * scale),) * 2
         out: dict[str, torch.Tensor] = {}
         for name in methods:
-            m = METHODS[name]
+            m = resolved[name]
             if name == "direct":
                 out[name] = to_image(self.sample(hw, seed, batch))
+            elif name == NO_ATTENTION:
+                with self_attention_off(self.unet):
+                    out[name] = to_image(self.sample((self.native,) * 2, seed, batch))
             elif m.params is not None:
                 r = generate(self.unet, self.scheduler, self.cond(batch), native_hw=(self.native,) * 2,
                              hires_hw=hw, steps=self.steps, params=m.params,
@@ -94,8 +125,30 @@ class ToyModel:
         return r.native
 
 
+class _Zero:
+    """An attention processor whose output is 0: the residual stream skips the layer."""
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return torch.zeros_like(hidden_states)
+
+
+@contextmanager
+def self_attention_off(unet: torch.nn.Module):
+    """Every self-attention layer (`attn1`) of a diffusers UNet outputs 0 inside the block;
+    the processors are restored on the way out, whatever happens."""
+    layers = {name: m for name, m in unet.named_modules() if name.endswith("attn1")}
+    saved = {name: m.processor for name, m in layers.items()}
+    try:
+        for m in layers.values():
+            m.set_processor(_Zero())
+        yield unet
+    finally:
+        for name, m in layers.items():
+            m.set_processor(saved[name])
+
+
 def load(world: str | int = "disc") -> ToyModel:
-    """The shipped model of a world, by name ("disc", "stripes") or number (1, 2)."""
+    """The shipped model of a world, by name ("disc", "stripes", "copies") or number (1–3)."""
     by_number = {w.number: w for w in WORLDS.values()}
     w = by_number.get(world) if isinstance(world, int) else WORLDS.get(world)
     if w is None:

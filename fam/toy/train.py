@@ -2,11 +2,14 @@
 
     python -m fam.toy.train --world disc        # world 1
     python -m fam.toy.train --world stripes     # world 2
+    python -m fam.toy.train --world copies      # world 3
 
 ε-prediction on the scaled-linear schedule (the SD1.5 one), fresh synthetic images every
 step (batch 32), AdamW with linear warm-up and cosine decay, gradient clipping, an EMA of
 the weights (the EMA is what is saved, in fp16). Seeded data, noise and initialisation and a
-fixed thread count: the same command gives the same weights."""
+fixed thread count: the same command gives the same weights. `--init` continues from an
+earlier checkpoint's weights (fresh optimiser and schedule): a model trained in two stages
+is rebuilt by its two commands, both recorded in its JSON."""
 
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .model import (CHECKPOINTS, NATIVE, SCHEDULER_CONFIG, UNET_CONFIG, build_unet, save_checkpoint,
-                    to_model)
+from .model import (CHECKPOINTS, NATIVE, SCHEDULER_CONFIG, UNET_CONFIG, build_unet,
+                    load_checkpoint, save_checkpoint, to_model, unet_config)
 from .worlds import WORLDS
 
 DEFAULTS = dict(steps=2000, batch=32, lr=1e-3, warmup=100, ema=0.999, seed=0, threads=2)
@@ -41,17 +44,25 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 
 def train(world: str, steps: int, batch: int, lr: float, warmup: int, ema: float, seed: int,
-          threads: int, progress: bool = True, snapshot=None):
+          threads: int, progress: bool = True, snapshot=None, init: Path | None = None):
     """Returns (EMA UNet, prompt, record). Everything random comes from `seed`.
-    `snapshot(step, ema_unet, prompt)`, if given, is called every 500 steps."""
+    `snapshot(step, ema_unet, prompt)`, if given, is called every 500 steps. `init`: a
+    checkpoint of the same world whose weights and prompt the run starts from."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    unet = build_unet().train()
+    unet = build_unet(unet_config(world)).train()
+    prompt = torch.randn(1, 2, UNET_CONFIG["cross_attention_dim"],
+                         generator=torch.Generator().manual_seed(seed + 3))
+    if init is not None:
+        start = load_checkpoint(init)
+        if start.meta.get("world") != world:
+            raise ValueError(f"--init {init} is a checkpoint of world {start.meta.get('world')!r}, "
+                             f"not {world!r}")
+        unet.load_state_dict({k: v.float() for k, v in start.unet.state_dict().items()})
+        prompt = start.prompt
     ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
     g_data = torch.Generator().manual_seed(seed + 1)
     g_noise = torch.Generator().manual_seed(seed + 2)
-    prompt = torch.randn(1, 2, UNET_CONFIG["cross_attention_dim"],
-                         generator=torch.Generator().manual_seed(seed + 3))
     ctx = prompt.expand(batch, -1, -1)
     ac = alphas_cumprod()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
@@ -107,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help="checkpoint path without suffix (default: the shipped one, "
                          "fam/toy/checkpoints/<world>)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from this checkpoint's weights (path without suffix)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--snapshots", action="store_true",
                     help="also save the EMA weights every 500 steps as <out>-step<N>")
@@ -116,10 +129,14 @@ def main(argv=None) -> int:
     out = a.out or CHECKPOINTS / a.world
     w = WORLDS[a.world]
     meta = dict(world=w.name, number=w.number, summary=w.summary, native=NATIVE,
-                unet=UNET_CONFIG, scheduler=SCHEDULER_CONFIG,
+                unet=unet_config(a.world), scheduler=SCHEDULER_CONFIG,
                 sampling=dict(sampler="euler", steps=20, guidance_scale=1.0),
                 command=" ".join(["python -m fam.toy.train --world", a.world] + [
                     f"--{k} {getattr(a, k)}" for k, v in DEFAULTS.items() if getattr(a, k) != v]))
+    if a.init is not None:
+        start = load_checkpoint(a.init).meta
+        meta["command"] += f" --init {a.init}"
+        meta["init"] = dict(command=start.get("command"), training=start.get("training"))
 
     def snapshot(step, unet, prompt):
         save_checkpoint(out.with_name(f"{out.name}-step{step}"), unet, prompt,
@@ -127,7 +144,7 @@ def main(argv=None) -> int:
 
     unet, prompt, record = train(a.world, a.steps, a.batch, a.lr, a.warmup, a.ema, a.seed,
                                  a.threads, progress=not a.no_progress,
-                                 snapshot=snapshot if a.snapshots else None)
+                                 snapshot=snapshot if a.snapshots else None, init=a.init)
     save_checkpoint(out, unet, prompt, dict(meta, training=record))
     print(f"{out}.safetensors: {record['steps']} steps in {record['seconds']:.0f} s, "
           f"final loss {record['final_loss']}")

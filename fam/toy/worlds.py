@@ -8,7 +8,13 @@ low-frequency box (8 cycles per image, see docs/quality.md): FM cannot copy it f
 native image, so keeping one orientation across a 2–3× disc is left to the model's own
 long-range paths — self-attention, which AM modulates. (Two orientations, not a continuum:
 a tiny model drew a continuum of 3 px gratings as a maze of short stripes even at its own
-size.)"""
+size.)
+
+`copies` (world 3, long-range correspondence): TWO identical 8×8 px patches of one random
+fine texture at distant places (centres ≥ 16 px apart), random colour, black background.
+The texture is random bits with each 2×2 cell's mean removed: it lies almost entirely
+outside FM's guided band, and no local computation can make the second copy from the first
+— only self-attention can match the two patches position by position (docs/quality.md)."""
 
 from __future__ import annotations
 
@@ -16,10 +22,13 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["World", "WORLDS", "STRIPE_PERIOD"]
+__all__ = ["World", "WORLDS", "STRIPE_PERIOD", "PATCH"]
 
 STRIPE_PERIOD = 3.0
+PATCH = 8                   # world 3: side of each copy (native px)
+MIN_DISTANCE = 16           # world 3: least distance between the copies' centres (native px)
 
 
 def _colour(n: int, g: torch.Generator, lo: float) -> torch.Tensor:
@@ -53,6 +62,39 @@ def stripe_images(n: int, g: torch.Generator, scale: int = 1) -> torch.Tensor:
     return (alpha * shade)[:, None] * _colour(n, g, 0.6)[:, :, None, None]
 
 
+def _texture(n: int, g: torch.Generator) -> torch.Tensor:
+    """(n, PATCH, PATCH) luminance in [0.245, 0.995]: random bits minus the mean of each
+    2×2 cell (the cells lie on the model's 16×16 token grid), so only the finest frequencies
+    carry it: 9 % of its variance lies in FM's guided band (plain white noise: 21 %)."""
+    w = torch.randint(0, 2, (n, 1, PATCH, PATCH), generator=g).float()
+    cell = F.avg_pool2d(w, 2).repeat_interleave(2, -2).repeat_interleave(2, -1)
+    return (0.62 + 0.5 * (w - cell))[:, 0]
+
+
+def _places(g: torch.Generator) -> list[tuple[int, int]]:
+    """Top-left corners of the two copies: on even pixels, 2 px or more from the border,
+    centres ≥ MIN_DISTANCE apart and ≥ 4 px between the patches."""
+    cells = (32 - PATCH) // 2
+    while True:
+        y1, x1, y2, x2 = (2 * torch.randint(1, cells, (4,), generator=g)).tolist()
+        if (math.hypot(y1 - y2, x1 - x2) >= MIN_DISTANCE
+                and max(abs(y1 - y2), abs(x1 - x2)) >= PATCH + 4):
+            return [(y1, x1), (y2, x2)]
+
+
+def copies_images(n: int, g: torch.Generator, scale: int = 1) -> torch.Tensor:
+    colour = _colour(n, g, 0.75)
+    texture = _texture(n, g)
+    out = torch.zeros(n, 3, 32 * scale, 32 * scale)
+    p = PATCH * scale
+    for i in range(n):
+        patch = texture[i] * colour[i][:, None, None]
+        patch = patch.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+        for y, x in _places(g):
+            out[i, :, y * scale:y * scale + p, x * scale:x * scale + p] = patch
+    return out
+
+
 @dataclass(frozen=True)
 class World:
     name: str
@@ -66,4 +108,6 @@ WORLDS = {w.name: w for w in (
     World("disc", 1, "one disc, radius 6-10 px, random colour, black background", disc_images),
     World("stripes", 2, "one disc, radius 8-12 px, filled with horizontal or vertical "
           "3 px stripes, random colour, black background", stripe_images),
+    World("copies", 3, "two identical 8 px patches of one random fine texture, far apart, "
+          "random colour, black background", copies_images),
 )}

@@ -11,8 +11,10 @@ from ..unet_hooks import GEN_ATTR
 from .extensions import alwayson, find_script, refusal
 from .generation import WebUIGeneration
 from .process import Host, SampleWrapper, WebUI, begin_pass
-from .request import check_request, model_name, native_side, reference_size, upscaled_reference
+from .request import (alphas_cumprod_schedule, check_model, check_request, model_family,
+                      model_name, native_side, reference_size, upscaled_reference)
 
 __all__ = ["GEN_ATTR", "WebUI", "Host", "WebUIGeneration", "SampleWrapper", "begin_pass",
-           "check_request", "native_side", "reference_size", "upscaled_reference", "model_name", "alwayson", "find_script",
-           "refusal"]
+           "alphas_cumprod_schedule", "check_model", "check_request", "model_family",
+           "native_side", "reference_size", "upscaled_reference", "model_name", "alwayson",
+           "find_script", "refusal"]

@@ -28,6 +28,29 @@ def _sampler_kind(sampler) -> str:
     return getattr(func, "__name__", func if isinstance(func, str) else "")
 
 
+def sampler_name(p, sampler) -> str:
+    """The name the user chose for this pass's sampler."""
+    name = getattr(getattr(sampler, "config", None), "name", None)
+    if name:
+        return name
+    hr_name = getattr(p, "hr_sampler_name", None)
+    if getattr(p, "is_hr_pass", False) and hr_name not in (None, "", "Use same sampler"):
+        return hr_name
+    return getattr(p, "sampler_name", "this sampler")
+
+
+def check_guidable(p, sampler, vp: bool) -> None:
+    """Refuse a high-res sampler FM cannot reach: a UniPC that is not a timestep sampler
+    (Forge Neo's, a k-diffusion sampler) calls the denoiser with a copy of its VP latent,
+    so FM's edit of that copy would never enter its trajectory."""
+    if not vp and "unipc" in _sampler_kind(sampler).lower():
+        raise FamRequestError(
+            f"FAM Diffusion cannot guide the sampler {sampler_name(p, sampler)} in this WebUI "
+            "(it runs UniPC as a k-diffusion sampler that hands the model a copy of its "
+            "latent); choose another sampler for the high-res pass, e.g. Euler, DPM++ 2M or "
+            "DDIM, or turn FAM off")
+
+
 class WebUIGeneration:
     """FAM for one batch of one generation: owns the `FamRun`, the host's `hooks` and every
     instance patch, and takes them all off in `remove()`. A host subclass makes `hooks` and
@@ -124,6 +147,7 @@ class WebUIGeneration:
         path); `native_hw` is the native latent size when there is neither."""
         if reference is None and native_hw is None and self.mode != "native":
             raise FamRequestError("FAM: the high-res pass has no native pass to follow")
+        check_guidable(p, sampler, vp)
         if reference is not None:
             native_hw = tuple(reference.shape[-2:])
             self.hooks.reference = Reference(reference, eps)
