@@ -91,7 +91,11 @@ class FamScript(scripts.Script):
     def process(self, p, *args):
         """Decide per generation: clean FAM infotext (XYZ cells share the dict), read the
         settings, and put on p the wrapper that runs each batch with FAM, or raises the
-        request's error. A wrapper an earlier process_images left on this p comes off first."""
+        request's error. A wrapper an earlier process_images left on this p comes off first.
+        ADetailer's inpaint passes (`_ad_inner`) and copies of a job FAM is running are left
+        alone: FAM neither guides nor refuses them, and the job keeps its FAM infotext."""
+        if getattr(p, "_ad_inner", False) or SampleWrapper.running_on_original(p):
+            return
         SampleWrapper.remove_from(p)
         for key in [k for k in p.extra_generation_params if k == "FAM" or k.startswith("FAM ")]:
             del p.extra_generation_params[key]
@@ -114,7 +118,8 @@ class FamScript(scripts.Script):
             begin_pass(p, gen, WEBUI, kwargs["x"], kwargs["noise"])
 
     def postprocess(self, p, processed, *args):
-        SampleWrapper.remove_from(p)
+        if not SampleWrapper.running_on_original(p):
+            SampleWrapper.remove_from(p)
 
 
 def _paste(name):

@@ -14,6 +14,7 @@ a VAE stand-in that samples its posterior with the global RNG."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import sys
 import types
@@ -307,6 +308,9 @@ class MiniWebUI:
                     samples = p.sample(conditioning=p.c, unconditional_conditioning=p.uc,
                                        seeds=p.seeds, subseeds=p.seeds, subseed_strength=0,
                                        prompts=["a"] * p.batch_size)
+                for i in range(len(samples)):   # per image, before its infotext
+                    p.batch_index = i
+                    p.scripts.postprocess_image(p, SimpleNamespace(image=samples[i]))
                 infotexts.append(dict(p.extra_generation_params))
                 out.append(samples)
         processed = SimpleNamespace(samples=out, infotexts=infotexts)
@@ -350,29 +354,61 @@ def _component(kind):
 
 
 class Runner:
-    """`p.scripts` for the FAM script alone; hook exceptions are logged and swallowed, as
-    A1111's ScriptRunner does."""
+    """`p.scripts`: the FAM script and the always-on stand-ins of other extensions given
+    (`others`, before FAM as their directory names sort, or after it), each with its slice
+    of `p.script_args`; hook exceptions are logged and swallowed, as A1111's ScriptRunner
+    does. `filtered(stems)` is the copy ADetailer makes for its inpaint passes."""
 
-    def __init__(self, web, args):
-        self.web, self.script, self.args = web, web.Script(), tuple(args)
+    def __init__(self, web, args, others=(), fam_first=False):
+        self.web, self.script = web, web.Script()
+        self.script.filename = str(ROOT / "scripts" / "fam_diffusion.py")
+        fam = [(self.script, tuple(args))]
+        pairs = fam + list(others) if fam_first else list(others) + fam
+        self.alwayson_scripts, self.script_args = [], []
+        for script, script_args in pairs:
+            script.args_from = len(self.script_args)
+            self.script_args += list(script_args)
+            script.args_to = len(self.script_args)
+            self.alwayson_scripts.append(script)
+
+    @property
+    def args(self):
+        return tuple(self.script_args[self.script.args_from:self.script.args_to])
+
+    def filtered(self, stems):
+        runner = copy.copy(self)
+        runner.alwayson_scripts = [s for s in self.alwayson_scripts
+                                   if Path(getattr(s, "filename", "")).stem in stems]
+        return runner
 
     def _call(self, name, p, *a, **kw):
-        try:
-            getattr(self.script, name)(p, *a, **kw)
-        except Exception as e:
-            self.web.logged.append(f"Error running {name}: {type(e).__name__}: {e}")
+        args = getattr(p, "script_args", self.script_args)
+        for script in self.alwayson_scripts:
+            hook = getattr(script, name, None)
+            if hook is None:
+                continue
+            try:
+                hook(p, *a, *args[script.args_from:script.args_to], **kw)
+            except Exception as e:
+                self.web.logged.append(f"Error running {name}: {type(e).__name__}: {e}")
 
     def process(self, p):
-        self._call("process", p, *self.args)
+        self._call("process", p)
+
+    def before_process(self, p):
+        self._call("before_process", p)
 
     def process_before_every_sampling(self, p, **kw):
-        self._call("process_before_every_sampling", p, *self.args, **kw)
+        self._call("process_before_every_sampling", p, **kw)
 
     def before_hr(self, p):
         pass
 
+    def postprocess_image(self, p, pp):
+        self._call("postprocess_image", p, pp)
+
     def postprocess(self, p, processed):
-        self._call("postprocess", p, processed, *self.args)
+        self._call("postprocess", p, processed)
 
 
 class KDiffusionSampler:
@@ -426,10 +462,11 @@ SAMPLERS = {"Euler": (KDiffusionSampler, "euler"), "DDIM": (CompVisSampler, "ddi
 class Processing:
     def __init__(self, web, model, args, width=64, height=64, steps=4, batch_size=1, n_iter=1,
                  seed=1, sampler_name="Euler", parts=1, cfg_scale=5.0, denoising_strength=0.7,
-                 ztsnr=False, downcast=False):
+                 ztsnr=False, downcast=False, others=(), fam_first=False):
         self.web, self.sd_model = web, model
         self.ztsnr, self.downcast = ztsnr, downcast   # the two σ table settings
-        self.scripts = Runner(web, args)
+        self.scripts = self.runner(web, args, others, fam_first)
+        self.script_args = self.scripts.script_args
         self.width, self.height, self.steps = width, height, steps
         self.batch_size, self.n_iter, self.seed = batch_size, n_iter, seed
         self.sampler_name, self.cfg_scale = sampler_name, cfg_scale
@@ -437,6 +474,8 @@ class Processing:
         self.c, self.uc = conds(batch_size, parts)
         self.extra_generation_params = {}
         self.sampler = None
+
+    runner = Runner
 
     def create_sampler(self, name):
         kind, func = SAMPLERS[name]
@@ -567,3 +606,190 @@ class Img2Img(Processing):
                                                    c=conditioning, uc=unconditional_conditioning)
         return self.sampler.sample_img2img(self, self.init_latent, x, conditioning,
                                            unconditional_conditioning)
+
+
+# ---- other extensions' always-on scripts ---------------------------------------------------
+def _pixels(image, width, height):
+    """A PIL image as ControlNet's hint: 1×3×H×W in [0, 1], resized to width×height."""
+    a = np.asarray(image.convert("RGB").resize((width, height)), dtype=np.float32) / 255.0
+    return torch.from_numpy(a).permute(2, 0, 1)[None]
+
+
+class ControlParamsLike(SimpleNamespace):
+    """One ControlNet unit as its UNet hook holds it (sd-webui-controlnet's `ControlParams`)."""
+
+
+class ControlNetLike:
+    """sd-webui-controlnet as FAM meets it. `process` builds a UNet hook for the job (kept as
+    `latest_network`, its `model` the UNet) that replaces the UNet's instance `forward`; each
+    enabled unit holds its hint at the target size (`hint_cond`: the unit's image, or the
+    img2img input for a tile-style unit) and, in txt2img with Hires. fix, at the high-res
+    size (`hr_hint_cond`). Per UNet call the hook picks a hint as ControlNet does (by height,
+    only where a unit holds both) and adds a residual made from it: a hint of another size
+    than the latent raises, as ControlNet's `h += guided_hint` does; `hr_option` turns a
+    unit off for the pass it excludes (by the hint picked). Units with
+    `uses_latent` encode their hint once per hint (`used_hint_cond_latent`, counted in
+    `encodes`). `postprocess` restores the UNet. `log`: (latent hw, hint hw or None when off) per call."""
+
+    filename = "controlnet.py"
+
+    def __init__(self):
+        self.latest_network = None
+        self.log: list[tuple[tuple[int, int], tuple[int, int]]] = []
+        self.encodes = 0
+
+    def title(self):
+        return "ControlNet"
+
+    def process(self, p, *units):
+        self.restore()
+        params = []
+        for unit in units:
+            if not unit.get("enabled"):
+                continue
+            image = unit.get("image") or p.init_images[0]
+            hint = _pixels(image, p.width, p.height)
+            if unit.get("channels") == 4:   # an inpaint hint: RGB and the mask
+                hint = torch.cat([hint, (hint[:, :1] > 0.5).float()], 1)
+            hr = (_pixels(image, p.hr_upscale_to_x, p.hr_upscale_to_y)
+                  if getattr(p, "enable_hr", False) else None)
+            params.append(ControlParamsLike(
+                hint_cond=hint, hr_hint_cond=hr, used_hint_cond=None, used_hint_cond_latent=None,
+                used_hint_inpaint_hijack=None, uses_latent=bool(unit.get("uses_latent")),
+                weight=float(unit.get("weight", 0.5)), hr_option=unit.get("hr_option", "Both")))
+        if not params:
+            return
+        unet = p.sd_model.model.diffusion_model
+        hook = SimpleNamespace(model=unet, control_params=params)
+        outer = self
+
+        def forward(x, timesteps=None, context=None, y=None, **kwargs):
+            high_res = False
+            for param in params:
+                if param.used_hint_cond is None:
+                    param.used_hint_cond = param.hint_cond
+                    param.used_hint_cond_latent = param.used_hint_inpaint_hijack = None
+                if isinstance(param.hr_hint_cond, torch.Tensor):
+                    h = x.shape[2] * 8
+                    low = abs(h - param.hint_cond.shape[2]) < abs(h - param.hr_hint_cond.shape[2])
+                    want = param.hint_cond if low else param.hr_hint_cond
+                    high_res = not low
+                    if param.used_hint_cond is not want:
+                        param.used_hint_cond = want
+                        param.used_hint_cond_latent = param.used_hint_inpaint_hijack = None
+            for param in params:
+                hint = param.used_hint_cond
+                off = {"Low res only": high_res, "High res only": not high_res}.get(param.hr_option, False)
+                outer.log.append((tuple(x.shape[-2:]), None if off else tuple(hint.shape[-2:])))
+                if off:
+                    continue
+                if param.uses_latent:
+                    if param.used_hint_cond_latent is None:
+                        outer.encodes += 1
+                        param.used_hint_cond_latent = F.avg_pool2d(hint[:, :3], 8)
+                    residual = param.used_hint_cond_latent
+                else:
+                    residual = F.avg_pool2d(hint[:, :3], 8)
+                x = x + param.weight * residual.mean(1, keepdim=True).to(x.dtype)
+            return type(unet).forward(unet, x, timesteps, context, y, **kwargs)
+
+        unet.forward = forward
+        self.latest_network = hook
+
+    def restore(self):
+        hook, self.latest_network = self.latest_network, None
+        if hook is not None:
+            hook.model.__dict__.pop("forward", None)
+
+    def postprocess(self, p, processed, *units):
+        self.restore()
+
+
+class TiledDiffusionLike:
+    """multidiffusion-upscaler's Tiled Diffusion: when enabled, `process` hijacks the
+    sampler factory (marked by `create_sampler_original_md` on its class) and the sampler it
+    makes denoises in tiles: here, each half of the latent in its own UNet call."""
+
+    filename = "tilediffusion.py"
+
+    def title(self):
+        return "Tiled Diffusion"
+
+    def process(self, p, enabled=False, *args):
+        if not enabled:
+            return
+        type(self).create_sampler_original_md = p.create_sampler
+
+        def create_sampler(name):
+            sampler = type(self).create_sampler_original_md(name)
+            inner = sampler.model_wrap_cfg.inner_model
+            forward = inner.forward
+
+            def tiled(x, sigma, **kw):
+                w = x.shape[-1] // 2
+                return torch.cat([forward(x[..., :w], sigma, **kw), forward(x[..., w:], sigma, **kw)], -1)
+            inner.forward = tiled
+            return sampler
+
+        p.create_sampler = create_sampler
+
+    def postprocess(self, p, processed, enabled=False, *args):
+        if "create_sampler_original_md" in type(self).__dict__:
+            del type(self).create_sampler_original_md
+            p.__dict__.pop("create_sampler", None)
+
+
+class TiledVAELike:
+    """multidiffusion-upscaler's Tiled VAE: when enabled it replaces the VAE's encoder and
+    decoder forwards; the sampler is untouched."""
+
+    filename = "tilevae.py"
+
+    def __init__(self):
+        self.enabled_in = []
+
+    def title(self):
+        return "Tiled VAE"
+
+    def process(self, p, enabled=False, *args):
+        self.enabled_in.append(bool(enabled))
+
+
+class ADetailerLike:
+    """ADetailer's inpaint passes, in its call order: per image (`postprocess_image`, after
+    the image is sampled and before its infotext), on the first image `postprocess` of every
+    script on `copy(p)`; a new img2img job with a mask, whose scripts are `p`'s filtered by
+    file name (`stems`; FAM is left out by default), whose args are element-wise copies of
+    `p.script_args`, marked `_ad_inner`; `process_images` of a copy per mask, exceptions
+    logged and swallowed (as the ScriptRunner does); after the last image `before_process`
+    and `process` of every script on `copy(p)`. `inner` keeps each inner job."""
+
+    filename = "!adetailer.py"
+
+    def __init__(self, web, stems=("dynamic_prompting",)):
+        self.web, self.stems, self.inner = web, set(stems), []
+
+    def title(self):
+        return "ADetailer"
+
+    def postprocess_image(self, p, pp, enabled=True, *args):
+        if not enabled or getattr(p, "_ad_inner", False):
+            return
+        if p.batch_index == 0:
+            p.scripts.postprocess(copy.copy(p), SimpleNamespace())
+        from PIL import Image
+        i2i = self.web.img2img(p.sd_model, (), init_images=[Image.new("RGB", (64, 64), (90, 40, 20))],
+                               width=64, height=64, steps=2, denoising_strength=0.4)
+        i2i.extra_generation_params = dict(p.extra_generation_params)
+        i2i.scripts = p.scripts.filtered(self.stems)
+        i2i.script_args = [copy.copy(a) for a in p.script_args]
+        i2i._ad_disabled = i2i._ad_inner = True
+        p2 = copy.copy(i2i)
+        p2.image_mask = Image.new("L", (64, 64), 255)
+        try:
+            self.inner.append((p2, self.web.process_images(p2)))
+        except Exception as e:
+            self.web.logged.append(f"Error running postprocess_image: {type(e).__name__}: {e}")
+        if p.batch_index == p.batch_size - 1:
+            p.scripts.before_process(copy.copy(p))
+            p.scripts.process(copy.copy(p))

@@ -92,11 +92,22 @@ class KModel(nn.Module):
         super().__init__()
         self.diffusion_model = unet
         self.predictor = predictor or Prediction(sigmas)
+        self.control_log, self.control_warnings = [], []   # (latent hw, residual hw or None)
 
     def apply_model(self, x, t, c_crossattn=None, c_concat=None, control=None,
                     transformer_options=None, y=None, **kwargs):
         """ε or v from the UNet (in its own dtype, as Forge's computation dtype), x₀ out in
-        the latent's dtype."""
+        the latent's dtype. ControlNet's residual as Forge's `apply_control` adds it: popped,
+        added, printed and skipped on an error."""
+        applied = None
+        residual = control["input"].pop() if control and control.get("input") else None
+        if residual is not None:
+            try:
+                x = x + residual
+                applied = tuple(residual.shape[-2:])
+            except RuntimeError:
+                self.control_warnings.append(tuple(x.shape[-2:]))
+        self.control_log.append((tuple(x.shape[-2:]), applied))
         sigma = t.float()[:, None, None, None]
         timestep = ldm.sigma_to_t(t, self.predictor.sigmas.log())
         dtype = next(self.diffusion_model.parameters()).dtype
@@ -115,10 +126,12 @@ class UnetPatcher:
         self.load_device = torch.device(load_device)
         self.model_options = {"transformer_options": {}}
         self.extra_preserved_memory_during_sampling = 0
+        self.controlnet_linked_list = None
 
     def clone(self):
         n = type(self)(self.model, self.load_device)
         n.model_options = self.copy_options(self.model_options)
+        n.controlnet_linked_list = self.controlnet_linked_list
         n.extra_preserved_memory_during_sampling = self.extra_preserved_memory_during_sampling
         return n
 
@@ -190,6 +203,11 @@ def cond_uncond_batch(unet, parts, uncond, x, sigma, max_chunks=None, calls=None
         args = {"input": torch.cat([x] * len(batch)), "timestep": torch.cat([sigma] * len(batch)),
                 "c": {"c_crossattn": torch.cat([c for c, _ in batch]), "transformer_options": opts},
                 "cond_or_uncond": kinds}
+        control = getattr(unet, "controlnet_linked_list", None)
+        if control is not None:   # before the wrapper, as Forge does
+            args["c"]["control"] = control.get_control(args["input"], args["timestep"],
+                                                       args["c"], len(kinds))
+            args["c"]["control_model"] = control
         wrapper = unet.model_options.get("model_function_wrapper")
         if wrapper is not None:
             res = wrapper(unet.model.apply_model, args)
@@ -235,7 +253,19 @@ class CFGDenoiser(nn.Module):
         c, u = cond_uncond_batch(self.sd_model.forge_objects.unet, parts,
                                  None if cond_scale == 1 else uncond, x, sigma,
                                  self.max_chunks, self.calls, self.flavor)
-        den = c if u is None else u + (c - u) * cond_scale
+        unet = self.sd_model.forge_objects.unet
+        cfg_fn = unet.model_options.get("sampler_cfg_function")
+        if cfg_fn is not None and u is not None:
+            den = x - cfg_fn({"cond": x - c, "uncond": x - u, "cond_scale": cond_scale,
+                              "input": x, "sigma": sigma, "cond_denoised": c,
+                              "uncond_denoised": u, "model": unet,
+                              "model_options": unet.model_options})
+        else:
+            den = c if u is None else u + (c - u) * cond_scale
+        for fn in unet.model_options.get("sampler_post_cfg_function", []):
+            den = fn({"denoised": den, "cond": parts, "uncond": uncond, "model": unet,
+                      "cond_denoised": c, "uncond_denoised": u, "sigma": sigma,
+                      "model_options": unet.model_options, "input": x})
         if self.timesteps:
             return (x - den) / sigma[:, None, None, None]
         return den
@@ -332,8 +362,9 @@ NEO_SAMPLERS = {**SAMPLERS, "UniPC": (KSampler, "unipc")}   # Neo: no timestep U
 class _Forge:
     """What the Forge flavours add to a1111_like's processing objects."""
 
+    runner = Runner
+
     def _forge(self, web, args, flavor, hr_cfg, max_chunks):
-        self.scripts = Runner(web, args)
         self.flavor, self.max_chunks = flavor, max_chunks
         self.hr_cfg = None if flavor == "classic" else hr_cfg
 
@@ -380,3 +411,167 @@ class Img2Img(_Forge, a1111_like.Img2Img):
     def __init__(self, web, model, args, flavor="main", max_chunks=None, **kw):
         super().__init__(web, model, args, **kw)
         self._forge(web, args, flavor, None, max_chunks)
+
+
+# ---- Forge's integrated extensions ---------------------------------------------------------
+class PostCfgBatchLike:
+    """SelfAttentionGuidance / PerturbedAttentionGuidance Integrated as FAM meets them: a
+    post-CFG function that runs one more UNet batch after the step's CFG, SAG with its
+    uncond prompt handed over as a cond on a changed latent, PAG with the cond prompt, and
+    mixes it in. `batches` logs the σ of each extra batch."""
+
+    def __init__(self, kind):
+        self.kind, self.batches = kind, []
+
+    def title(self):
+        return {"sag": "SelfAttentionGuidance Integrated (SD 1.x, SD 2.x, SDXL)",
+                "pag": "PerturbedAttentionGuidance Integrated"}[self.kind]
+
+    def process_before_every_sampling(self, p, enabled=False, *args, **kwargs):
+        if not enabled:
+            return
+        unet = p.sd_model.forge_objects.unet.clone()
+
+        def post_cfg(args):
+            self.batches.append(float(args["sigma"][0]))
+            if self.kind == "sag":
+                prompts, x = [args["uncond"]], args["input"] * 0.9
+                base = args["uncond_denoised"]
+            else:
+                prompts, x = args["cond"], args["input"]
+                base = args["cond_denoised"]
+            extra, _ = cond_uncond_batch(args["model"], prompts, None, x, args["sigma"])
+            return args["denoised"] + 0.3 * (base - extra)
+
+        unet.model_options["sampler_post_cfg_function"] = (
+            unet.model_options.get("sampler_post_cfg_function", []) + [post_cfg])
+        p.sd_model.forge_objects.unet = unet
+
+
+class CfgFunctionLike:
+    """DynamicThresholding / LatentModifier Integrated: a `sampler_cfg_function` that
+    replaces the CFG mix (here: the mix with its result clamped, as a threshold does)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def title(self):
+        return "DynamicThresholding (CFG-Fix) Integrated"
+
+    def process_before_every_sampling(self, p, enabled=False, *args, **kwargs):
+        if not enabled:
+            return
+        unet = p.sd_model.forge_objects.unet.clone()
+
+        def cfg_function(args):
+            self.calls += 1
+            mixed = args["uncond"] + (args["cond"] - args["uncond"]) * args["cond_scale"]
+            return mixed.clamp(-1.5, 1.5)
+
+        unet.model_options["sampler_cfg_function"] = cfg_function
+        p.sd_model.forge_objects.unet = unet
+
+
+class IntegratedLike:
+    """An integrated extension known by its title and on/off switch only."""
+
+    def __init__(self, title):
+        self._title = title
+
+    def title(self):
+        return self._title
+
+
+class ControlNodeLike:
+    """One unit of Forge's ControlNet linked list (`backend/patcher/controlnet.py`):
+    `get_control` resizes the hint to the call's latent itself (nearest-exact, kept in
+    `cond_hint` until the size changes, `resizes` counts it) and returns fresh residual
+    lists, here one residual made from the hint, merged with the previous unit's."""
+
+    def __init__(self, hint, weight=0.3, previous=None):
+        self.cond_hint_original, self.cond_hint = hint, None
+        self.weight, self.previous_controlnet = weight, previous
+        self.resizes = 0
+
+    def get_control(self, x, t, cond, batched_number):
+        prev = (self.previous_controlnet.get_control(x, t, cond, batched_number)
+                if self.previous_controlnet is not None else None)
+        size = (x.shape[2] * 8, x.shape[3] * 8)
+        if self.cond_hint is None or tuple(self.cond_hint.shape[-2:]) != size:
+            self.resizes += 1
+            self.cond_hint = torch.nn.functional.interpolate(self.cond_hint_original, size=size,
+                                                             mode="nearest-exact")
+        residual = self.weight * torch.nn.functional.avg_pool2d(self.cond_hint, 8).mean(1, keepdim=True)
+        if prev is not None:
+            residual = residual + prev["input"][0]
+        return {"input": [residual.to(x.dtype)], "middle": [], "output": []}
+
+
+class ControlNetForgeLike:
+    """Forge's built-in ControlNet script: per pass, a UNet clone with one linked-list unit
+    per enabled unit, the hint at the pass's size (the high-res hint in the Hires. fix
+    pass; the img2img input for a unit without an image)."""
+
+    def title(self):
+        return "ControlNet"
+
+    def process_before_every_sampling(self, p, *units, **kwargs):
+        head = None
+        for unit in units:
+            if not unit.get("enabled"):
+                continue
+            hires = getattr(p, "is_hr_pass", False)
+            w, h = ((p.hr_upscale_to_x, p.hr_upscale_to_y) if hires else (p.width, p.height))
+            image = unit.get("image") or p.init_images[0]
+            hint = a1111_like._pixels(image, w, h)
+            head = ControlNodeLike(hint, unit.get("weight", 0.3), head)
+        if head is None:
+            return
+        unet = p.sd_model.forge_objects.unet.clone()
+        unet.controlnet_linked_list = head
+        p.sd_model.forge_objects.unet = unet
+
+
+class PatchModelAddDownscale:
+    """Named as Kohya HRFix's patch class is (its functions' qualified names start so)."""
+
+    @staticmethod
+    def patch():
+        def input_block_patch(h, transformer_options):
+            return h
+        return input_block_patch
+
+
+class StyleAlignForForge:
+    """Named as StyleAlign's script class is."""
+
+    @staticmethod
+    def process_before_every_sampling():
+        def attn1_proc(q, k, v, transformer_options):
+            return q
+        return attn1_proc
+
+
+class PatchingLike:
+    """An integrated extension under a fork's own title that patches the UNet as the named
+    one does: "multidiffusion" (its flag), "kohya" (an input block patch), "stylealign"
+    (attn1 replacements)."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def title(self):
+        return f"Renamed {self.kind}"
+
+    def process_before_every_sampling(self, p, enabled=False, *args, **kwargs):
+        if not enabled:
+            return
+        unet = p.sd_model.forge_objects.unet.clone()
+        if self.kind == "multidiffusion":
+            unet.model_options["tiled_diffusion"] = True
+        elif self.kind == "kohya":
+            unet.set_model_patch(PatchModelAddDownscale.patch(), "input_block_patch")
+        else:
+            unet.set_model_attn1_replace(StyleAlignForForge.process_before_every_sampling(),
+                                         "output", 3, 0)
+        p.sd_model.forge_objects.unet = unet

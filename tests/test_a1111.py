@@ -555,14 +555,26 @@ def test_refiner_in_the_first_pass_leaves_am_on_where_the_base_ran(budget):
     assert r.run.am_calls == 2 * per_call           # the hires steps at σ 14.6 and 4.0
     assert r.info["FAM AM skipped"].startswith(f"{2 * per_call} of {4 * per_call} calls")
     assert "no native record for this step" in r.info["FAM AM skipped"]
-    assert r.info["FAM note"] == "AM skipped on hires steps the refiner ran in the first pass"
+    assert r.info["FAM note"] == ("the refiner ran the first pass from σ 1.2 on: hires steps "
+                                  "matched to those steps ran without AM")
 
 
 def test_refiner_in_the_hires_pass_turns_am_off_from_the_switch():
     unet = sd1_like()
     r = generate(unet, hires_kw=dict(refiner_at=2, refiner=sdxl_like()))
     assert r.run.am_calls == 2 * len(r.gen.layers) and not r.run.am_skipped
-    assert r.info == {"FAM note": "AM off after the refiner switch"} and r.run.fm_calls == 4
+    assert r.info == {"FAM note": "AM off from the refiner switch at σ 1.2 on "
+                                 "(2 of 4 hires denoiser calls)"} and r.run.fm_calls == 4
+
+
+def test_refiner_in_both_passes_is_noted_for_both():
+    unet = sd1_like()
+    r = generate(unet, native_kw=dict(refiner_at=3, refiner=sdxl_like()),
+                 hires_kw=dict(refiner_at=1, refiner=sdxl_like()))
+    assert r.info["FAM note"] == (
+        "the refiner ran the first pass from σ 0.3 on: hires steps matched to those steps "
+        "ran without AM; AM off from the refiner switch at σ 4 on (3 of 4 hires denoiser calls)")
+    assert r.run.am_calls == len(r.gen.layers)
 
 
 # ---- UniPC's corrector (FM reaches the sampler's state) --------------------------------

@@ -12,6 +12,7 @@ Nothing here imports `modules`."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -25,11 +26,13 @@ from ..record import Role
 from ..schedule import VPSchedule
 from .sdxl import with_native_size
 from .unet_hooks import LATENT_FACTOR, NativeCall, UNetHooks, _Current
-from .webui import WebUIGeneration, alphas_cumprod_schedule, check_model, model_name
+from .webui import (WebUIGeneration, alphas_cumprod_schedule, check_model, find_script,
+                    model_name)
 from .webui_args import FamRequestError
 
 __all__ = ["a1111_roles", "cond_repeats", "RowCursor", "Attn1Hook", "A1111Hooks",
-           "A1111Generation", "HOST", "native_cond", "unet_layout", "model_schedule"]
+           "A1111Generation", "HOST", "native_cond", "unet_layout", "model_schedule",
+           "NativeHints", "native_hints"]
 
 
 def a1111_roles(repeats: Sequence[int], batch: int | None = None) -> list[Role]:
@@ -133,6 +136,69 @@ def native_cond(kwargs: Mapping[str, Any], hw, conditioner: Any = None) -> dict:
     return {**kwargs, "cond": cond}
 
 
+_HINT_FIELDS = ("used_hint_cond", "used_hint_cond_latent", "used_hint_inpaint_hijack")
+
+
+def resize_hint(hint: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A ControlNet hint (1×C×H×W in [0, 1]) at another pixel size: a box filter (what
+    ControlNet's own INTER_AREA does when it shrinks); an inpaint hint's 4th channel (the
+    mask) stays binary."""
+    out = F.interpolate(hint.float(), size=size, mode="area")
+    if hint.shape[1] == 4:
+        mask = F.interpolate(hint[:, 3:4].float(), size=size, mode="nearest")
+        out = torch.cat([out[:, :3], (mask > 0.5).float()], 1)
+    return out.to(hint.dtype)
+
+
+class NativeHints:
+    """sd-webui-controlnet's units at FAM's native size. ControlNet picks a unit's hint by
+    the latent size only where it holds a low- and a high-res hint (txt2img with Hires. fix);
+    elsewhere (img2img) a unit holds the target-size hint, which cannot condition a
+    native-size call. Around each native-size call `at(hw, rows)` puts a hint resized to
+    that size in the fields ControlNet reads (with the latents ControlNet made from it at an
+    earlier call of that size) and puts ControlNet's own objects back afterwards."""
+
+    def __init__(self, hook: Any):
+        self.hook = hook
+        self._cache: dict[tuple[int, tuple[int, int], int], tuple] = {}
+        self.calls = 0      # native-size calls that got resized hints
+
+    @contextlib.contextmanager
+    def at(self, hw: Sequence[int], rows: int):
+        size = (LATENT_FACTOR * int(hw[0]), LATENT_FACTOR * int(hw[1]))
+        swapped = []
+        try:
+            for param in getattr(self.hook, "control_params", None) or ():
+                hint = getattr(param, "hint_cond", None)
+                if (isinstance(getattr(param, "hr_hint_cond", None), torch.Tensor)
+                        or not isinstance(hint, torch.Tensor) or hint.ndim != 4
+                        or tuple(hint.shape[-2:]) == size):
+                    continue   # ControlNet picks by size itself, or no spatial hint
+                key = (id(param), size, rows)
+                mine = self._cache.get(key) or (resize_hint(hint, size), None, None)
+                swapped.append((param, key, tuple(getattr(param, f) for f in _HINT_FIELDS)))
+                for field, value in zip(_HINT_FIELDS, mine):
+                    setattr(param, field, value)
+            if swapped:
+                self.calls += 1
+            yield
+        finally:
+            for param, key, theirs in reversed(swapped):
+                self._cache[key] = tuple(getattr(param, f) for f in _HINT_FIELDS)
+                for field, value in zip(_HINT_FIELDS, theirs):
+                    setattr(param, field, value)
+
+
+def native_hints(p, unet) -> NativeHints | None:
+    """sd-webui-controlnet's UNet hook of this job, when it is on `unet` (it keeps the hook
+    of its latest job as `latest_network` on its script)."""
+    script, _ = find_script(p, "controlnet")
+    hook = getattr(script, "latest_network", None)
+    if hook is None or getattr(hook, "model", None) is not unet:
+        return None
+    return NativeHints(hook)
+
+
 def unet_layout(sd_model) -> UNetLayout:
     """The attn1 layers of an ldm/sgm UNet, or a request error naming the model family."""
     check_model(sd_model)
@@ -176,6 +242,7 @@ class A1111Hooks(UNetHooks):
         self.schedule = schedule
         self.cursor = RowCursor()
         self.conditioner = None     # sgm's, for the reference path's native-size `vector`
+        self.controlnet: NativeHints | None = None
         self._hooks: list[Attn1Hook] = []
 
     def install(self) -> None:
@@ -194,7 +261,7 @@ class A1111Hooks(UNetHooks):
     def remove(self) -> None:
         self._unhook()
         super().remove()
-        self.conditioner = None
+        self.conditioner = self.controlnet = None
 
     def _unhook(self) -> None:
         for hook in reversed(self._hooks):
@@ -223,12 +290,25 @@ class A1111Hooks(UNetHooks):
 
     def _replay_native(self, call: NativeCall, current: _Current) -> None:
         z, s_in = call.inputs.for_denoiser(call.sigma, self.vp, self.schedule)
-        self.inside(current.inputs.forward, z, s_in, **call.inputs.kwargs)
+        with self._controlnet_at(z):
+            self.inside(current.inputs.forward, z, s_in, **call.inputs.kwargs)
 
     def _replay_reference(self, z, sigma, current: _Current) -> None:
         cur = current.inputs
-        self.inside(cur.forward, z, cur.sigma_in,
-                    **native_cond(cur.kwargs, z.shape[-2:], self.conditioner))
+        with self._controlnet_at(z):
+            self.inside(cur.forward, z, cur.sigma_in,
+                        **native_cond(cur.kwargs, z.shape[-2:], self.conditioner))
+
+    def _controlnet_at(self, z: torch.Tensor):
+        if self.controlnet is None:
+            return contextlib.nullcontext()
+        return self.controlnet.at(z.shape[-2:], z.shape[0])
+
+    def report(self) -> dict[str, str]:
+        out = super().report()
+        if self.controlnet is not None and self.controlnet.calls:
+            out["FAM ControlNet"] = "native-size hints in native-size calls"
+        return out
 
 
 class A1111Generation(WebUIGeneration):
@@ -244,6 +324,7 @@ class A1111Generation(WebUIGeneration):
         if self.mode == "hires":
             self.move_to(unet_layout(p.sd_model), model_name(p.sd_model))
             self.hooks.conditioner = getattr(p.sd_model, "conditioner", None)
+            self.hooks.controlnet = native_hints(p, p.sd_model.model.diffusion_model)
         self._wrap_inner(sampler.model_wrap_cfg)
 
     def _on_cfg_call(self, x, sigma, args, kwargs) -> None:

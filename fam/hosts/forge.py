@@ -23,6 +23,7 @@ from .patcher import Attention, PatcherHooks, sdpa_attention
 from .sdxl import native_size_vector, with_native_size
 from .unet_hooks import LATENT_FACTOR
 from .webui import WebUIGeneration, alphas_cumprod_schedule, check_model, model_name
+from .webui.extensions import patcher_refusal
 from .webui_args import FamRequestError
 
 __all__ = ["ForgeGeneration", "ForgeHost", "HOST", "forge_layout", "forge_schedule",
@@ -192,6 +193,9 @@ class ForgeGeneration(WebUIGeneration):
         if not self.params.am_active:
             return
         replaced = forge_objects.unet
+        conflict = patcher_refusal(getattr(replaced, "model_options", None) or {})
+        if conflict is not None:
+            raise conflict
         unet = self.hooks.patched(replaced)
         # a clone of a FAM clone (no reset in between) carries its reservation: count it once
         reserve = self.reserve_bytes(getattr(unet, "load_device", None), steps)

@@ -13,6 +13,7 @@ UNet's patcher carries FAM's functions; the patcher it came from is never change
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
@@ -22,10 +23,11 @@ from ..attention import am_projected_attention, merge_heads, split_heads
 from ..guidance import HIRES, NATIVE, FamRun
 from ..layers import AttnLayer
 from ..record import Role
+from ..replay import ReplayUnavailable
 from .unet_hooks import GEN_ATTR, LATENT_FACTOR, NativeCall, UNetHooks, _Current
 
 __all__ = ["PatcherHooks", "Attention", "sdpa_attention", "chunk_roles", "native_kwargs",
-           "is_fam"]
+           "is_fam", "native_control"]
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -70,6 +72,34 @@ def native_kwargs(c: Mapping[str, Any], hw) -> dict:
     return out
 
 
+def native_control(c: Mapping[str, Any], x: torch.Tensor, t: torch.Tensor, chunks: int,
+                   cond: Mapping[str, Any]) -> Any:
+    """ControlNet residuals for a native-size UNet batch, from the ControlNet units of the
+    high-res call `c` (`c['control_model']`, the head of the host's linked list of units):
+    each unit resizes its hint to x itself, as for any call. The hint each unit keeps for the
+    high-res size is put back afterwards, so the next high-res call does not resize again.
+    None without units. A unit that cannot make them ends the replays, visibly."""
+    cnet = c.get("control_model")
+    if cnet is None or not callable(getattr(cnet, "get_control", None)):
+        return None
+    nodes, node = [], cnet
+    while node is not None and len(nodes) < 64:
+        nodes.append((node, node.__dict__.get("cond_hint")))
+        node = getattr(node, "previous_controlnet", None)
+    args = [x, t, dict(cond), chunks]
+    if len(inspect.signature(cnet.get_control).parameters) >= 5:   # reForge
+        args.append(cond.get("transformer_options", {}))
+    try:
+        return cnet.get_control(*args)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise ReplayUnavailable(f"ControlNet could not condition a native-size UNet call "
+                                f"({type(e).__name__}: {first})") from e
+    finally:
+        for node, hint in nodes:
+            node.cond_hint = hint
+
+
 def is_fam(fn: Any) -> bool:
     return getattr(fn, GEN_ATTR, None) is not None
 
@@ -89,6 +119,9 @@ def _strip(model_options: dict) -> None:
     replace = to.get("patches_replace", {}).get("attn1", {})
     for key in [k for k, f in replace.items() if is_fam(f)]:
         del replace[key]
+    post = model_options.get("sampler_post_cfg_function")
+    if post:
+        model_options["sampler_post_cfg_function"] = [f for f in post if not is_fam(f)]
     wrapper = model_options.get("model_function_wrapper")
     if is_fam(wrapper):
         if wrapper.previous is None:
@@ -137,6 +170,9 @@ class PatcherHooks(UNetHooks):
         self._fetched = self._applied = 0   # AM contexts the attn1 patch got / the replace used
         self._taken: set[str] = set()       # AM layers another extension replaced before FAM
         self._taken_calls = 0
+        self._after_cfg = False   # the step's CFG is done: UNet batches now are extensions'
+        self.controlnet_calls = 0   # native-size calls conditioned by ControlNet units
+        self._step_chunks: list[tuple[torch.Tensor, list[Role]]] = []   # this step's chunks
 
     @staticmethod
     def _keys(layers):
@@ -148,6 +184,7 @@ class PatcherHooks(UNetHooks):
 
     def begin_step(self) -> None:
         self._part = 0
+        self._after_cfg, self._step_chunks = False, []
         if self.run.phase == HIRES:
             self.steps += 1
 
@@ -172,6 +209,8 @@ class PatcherHooks(UNetHooks):
                                              layer.index, layer.transformer)
         unet.set_model_unet_function_wrapper(
             self._unet_wrapper(unet.model_options.get("model_function_wrapper")))
+        post = unet.model_options.get("sampler_post_cfg_function") or []
+        unet.model_options["sampler_post_cfg_function"] = [self._cfg_done()] + list(post)
         return unet
 
     def report(self) -> dict[str, str]:
@@ -190,8 +229,13 @@ class PatcherHooks(UNetHooks):
         elif run.params.am_active and not self.paused and self.steps and not self.hires_calls:
             note = f"AM did not run: another extension replaced {self.host}'s UNet function wrapper"
         else:
-            return super().report()
-        return {"FAM note": note}
+            return {**super().report(), **self._controlnet_report()}
+        return {"FAM note": note, **self._controlnet_report()}
+
+    def _controlnet_report(self) -> dict[str, str]:
+        if not self.controlnet_calls:
+            return {}
+        return {"FAM ControlNet": "native-size control from the high-res units"}
 
     # ---- FAM's functions on the clone ---------------------------------------------------
     def _attn1_patch(self):
@@ -230,6 +274,15 @@ class PatcherHooks(UNetHooks):
         unet_wrapper.previous = previous
         return _mark(unet_wrapper, self)
 
+    def _cfg_done(self):
+        """First of the post-CFG functions: UNet batches from here to the next step are
+        other extensions' (SelfAttentionGuidance's blurred uncond batch, PerturbedAttention-
+        Guidance's cond batch)."""
+        def cfg_done(args):
+            self._after_cfg = True
+            return args["denoised"]
+        return _mark(cfg_done, self)
+
     def _layer_of(self, extra_options: Mapping[str, Any]) -> AttnLayer | None:
         block = extra_options.get("block")
         if not block:
@@ -239,7 +292,14 @@ class PatcherHooks(UNetHooks):
     # ---- per UNet batch -------------------------------------------------------------------
     def _unet_call(self, inputs: _Inputs):
         x, t = inputs.args["input"], inputs.args["timestep"]
-        roles = self._roles(inputs.args, x.shape[0])
+        kinds = inputs.args.get("cond_or_uncond") or ()
+        if self._after_cfg:
+            if self.run.phase == NATIVE:   # not the native image's features: not recorded
+                return _through(inputs.previous, inputs.apply_model, inputs.args)
+            roles = self._roles_by_prompt(inputs.args, len(kinds))
+        else:
+            roles = self._roles(inputs.args, x.shape[0])
+            self._keep_chunks(inputs.args, roles, len(kinds))
         # the CFG call's σ when the host gave it, else one read (the UNet always gets σ)
         sigma = self.sigma if self.sigma is not None else float(t.flatten()[0])
         self.open_call(sigma, roles, x, inputs)
@@ -252,6 +312,32 @@ class PatcherHooks(UNetHooks):
         self._part += sum(1 for k in kinds if k == 0)
         return roles
 
+    def _keep_chunks(self, args: Mapping[str, Any], roles: Sequence[Role], chunks: int) -> None:
+        """The prompt of each chunk of this step's CFG batches, with its rows' roles."""
+        prompts = args.get("c", {}).get("c_crossattn")
+        if self.run.phase != HIRES or not isinstance(prompts, torch.Tensor) or not roles:
+            return
+        b = len(roles) // chunks
+        for i, chunk in enumerate(prompts.split(b)):
+            self._step_chunks.append((chunk, list(roles[i * b:(i + 1) * b])))
+
+    def _roles_by_prompt(self, args: Mapping[str, Any], chunks: int) -> list[Role]:
+        """Roles of a batch another extension runs after the step's CFG: each chunk takes
+        the roles of the CFG chunk with the same prompt (SelfAttentionGuidance hands its
+        uncond prompt over as a cond); a chunk whose prompt matches none gets no roles, and
+        FAM skips that call, visibly."""
+        prompts = args.get("c", {}).get("c_crossattn")
+        if not isinstance(prompts, torch.Tensor) or not chunks or prompts.shape[0] % chunks:
+            return []
+        roles = []
+        for chunk in prompts.split(prompts.shape[0] // chunks):
+            match = next((r for c, r in self._step_chunks
+                          if c.shape == chunk.shape and torch.equal(c, chunk)), None)
+            if match is None:
+                return []
+            roles += match
+        return roles
+
     def inside(self, fn: Callable, *args, **kwargs):
         self._pending = None
         try:
@@ -260,8 +346,16 @@ class PatcherHooks(UNetHooks):
             self._pending = None
 
     def _replay_native(self, call: NativeCall, current: _Current) -> None:
-        """Through the model of the current high-res call, below FAM's wrapper."""
-        self.inside(_through, call.inputs.previous, current.inputs.apply_model, call.inputs.args)
+        """Through the model of the current high-res call, below FAM's wrapper. The native
+        call's ControlNet residuals were used up by it: the high-res call's units make them
+        again at the native size."""
+        args = dict(call.inputs.args)
+        c = {k: v for k, v in args["c"].items() if k not in ("control", "control_model")}
+        control = self._control(current.inputs.args, args["input"], args["timestep"], args, c)
+        if control is not None:
+            c["control"] = control
+        args["c"] = c
+        self.inside(_through, call.inputs.previous, current.inputs.apply_model, args)
 
     def _replay_reference(self, z: torch.Tensor, sigma: float, current: _Current) -> None:
         kwargs = self._native_kwargs(current.inputs, z)
@@ -269,9 +363,20 @@ class PatcherHooks(UNetHooks):
 
     def _native_kwargs(self, inputs: _Inputs, z: torch.Tensor) -> dict:
         """UNet kwargs of the batch `inputs` for its rows at z's native size (SDXL's `y`
-        saying that size)."""
+        saying that size, ControlNet residuals its units make at that size)."""
         kwargs = native_kwargs(inputs.args["c"], z.shape[-2:])
         if self.native_vector is not None and isinstance(kwargs.get("y"), torch.Tensor):
             h, w = (LATENT_FACTOR * n for n in z.shape[-2:])
             kwargs["y"] = self.native_vector(kwargs["y"], h, w)
+        control = self._control(inputs.args, z, inputs.args["timestep"], inputs.args, kwargs)
+        if control is not None:
+            kwargs["control"] = control
         return kwargs
+
+    def _control(self, units: Mapping[str, Any], x, t, args: Mapping[str, Any], cond) -> Any:
+        """Residuals of the ControlNet units of the batch `units` for the rows of the batch
+        `args` at x's size."""
+        chunks = len(args.get("cond_or_uncond") or ()) or 1
+        control = native_control(units["c"], x, t, chunks, cond)
+        self.controlnet_calls += control is not None
+        return control

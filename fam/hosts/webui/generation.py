@@ -74,6 +74,8 @@ class WebUIGeneration:
         self._patches: list[tuple[Any, str, bool, Any]] = []
         self._vp = False
         self._switched = False          # the refiner took over during this pass
+        self._pass_calls = 0            # CFG calls of the pass in progress
+        self._refiner: dict[str, tuple[float, int, int]] = {}   # mode: (σ, its call, calls)
         self._last_sigma: float | None = None
         self._calls_since_callback = 0
 
@@ -100,6 +102,21 @@ class WebUIGeneration:
         had_own = attr in obj.__dict__
         self._patches.append((obj, attr, had_own, obj.__dict__.get(attr)))
         setattr(obj, attr, value)
+
+    def _unpatch(self, *objs: Any) -> None:
+        """Take this batch's patches off these objects (a pass that begins on the sampler
+        of the previous pass wraps it afresh, not twice)."""
+        keep = []
+        for entry in reversed(self._patches):
+            obj, attr, had_own, value = entry
+            if any(obj is o for o in objs):
+                if had_own:
+                    setattr(obj, attr, value)
+                else:
+                    obj.__dict__.pop(attr, None)
+            else:
+                keep.append(entry)
+        self._patches = keep[::-1]
 
     def move_to(self, layout: UNetLayout, model_name: str) -> None:
         """The hires pass runs another UNet (a hires checkpoint): follow it when it has the
@@ -151,7 +168,7 @@ class WebUIGeneration:
 
     def report(self) -> dict[str, str]:
         """Infotext entries: what the run skipped or fell back to, and the notes."""
-        return {**self.run.report(), **self.notes, **self.hooks.report()}
+        return {**self.run.report(), **self.notes, **self.hooks.report(), **self._refiner_note()}
 
     # ---- host hooks ----------------------------------------------------------------
     def _on_pass(self, p, sampler) -> None:
@@ -166,7 +183,11 @@ class WebUIGeneration:
 
     # ---- per pass ------------------------------------------------------------------
     def _begin(self, p, sampler, vp: bool) -> None:
+        if sampler is self.sampler:   # an extension handed both passes one sampler
+            cfg = sampler.model_wrap_cfg
+            self._unpatch(sampler, cfg, getattr(cfg, "inner_model", None))
         self.sampler, self._vp, self._switched = sampler, vp, False
+        self._pass_calls = 0
         self.hooks.paused = False
         self._calls_since_callback = 0
         self._on_pass(p, sampler)
@@ -179,12 +200,24 @@ class WebUIGeneration:
         s = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
         return self.schedule.t_to_sigma(s) if self._vp else s
 
-    def _switch(self) -> None:
-        """The refiner took over this pass: AM stops."""
+    def _switch(self, sigma: float) -> None:
+        """The refiner took over this pass (from this CFG call on): AM stops."""
         self._switched = self.hooks.paused = True
-        self.notes["FAM note"] = (
-            "AM off after the refiner switch" if self.mode == "hires" else
-            "AM skipped on hires steps the refiner ran in the first pass")
+        self._refiner[self.mode] = (sigma, self._pass_calls, self._pass_calls)
+
+    def _refiner_note(self) -> dict[str, str]:
+        """Where AM did not run because the refiner ran: FAM records the base model's
+        maps only, and the refiner's steps have none to follow."""
+        notes = []
+        if "native" in self._refiner:
+            s, _, _ = self._refiner["native"]
+            notes.append(f"the refiner ran the first pass from σ {s:.3g} on: hires steps "
+                         "matched to those steps ran without AM")
+        if "hires" in self._refiner:
+            s, at, calls = self._refiner["hires"]
+            notes.append(f"AM off from the refiner switch at σ {s:.3g} on "
+                         f"({calls - at + 1} of {calls} hires denoiser calls)")
+        return {"FAM note": "; ".join(notes)} if notes else {}
 
     def _wrap_cfg(self, cfg: Any) -> None:
         cfg_forward, model_wrap = cfg.forward, getattr(cfg, "model_wrap", None)
@@ -192,6 +225,10 @@ class WebUIGeneration:
         def forward(x, sigma, *args, **kwargs):
             s = self.sigma_of(sigma)   # the one host read of σ in this CFG call
             self._last_sigma, self._calls_since_callback = s, self._calls_since_callback + 1
+            self._pass_calls += 1
+            if self._switched and self.mode in self._refiner:
+                sw, at, _ = self._refiner[self.mode]
+                self._refiner[self.mode] = (sw, at, self._pass_calls)
             self.hooks.sigma = s
             if self.mode == "native":   # FM's native size, whether or not a UNet hook runs
                 self.run.native_hw = tuple(x.shape[-2:])
@@ -207,7 +244,7 @@ class WebUIGeneration:
             finally:
                 self.hooks.sigma = None
                 if not self._switched and getattr(cfg, "model_wrap", None) is not model_wrap:
-                    self._switch()
+                    self._switch(s)
                     if self.mode == "native":
                         self.run.begin_call(s, (), tuple(x.shape[-2:]))
 

@@ -12,6 +12,7 @@ import torch
 from ...params import FamParams
 from ..unet_hooks import GEN_ATTR, LATENT_FACTOR
 from ..webui_args import FamRequestError
+from .extensions import refusal
 from .generation import WebUIGeneration
 from .request import native_side, per_row, reference_size, upscaled_reference
 
@@ -73,6 +74,14 @@ class SampleWrapper:
                 del p.__dict__["sample"]
         p.__dict__.pop(GEN_ATTR, None)
 
+    @classmethod
+    def running_on_original(cls, p) -> bool:
+        """p is a shallow copy of a job whose FAM run is still going (ADetailer re-runs the
+        script hooks on `copy(p)` between its inpaint passes): it carries that job's active
+        wrapper and shares its `extra_generation_params`, which must stay as they are."""
+        wrapper = p.__dict__.get("sample")
+        return isinstance(wrapper, cls) and wrapper.active and wrapper.p is not p
+
     def remove(self) -> None:
         """Restore p.sample; if another wrapper was put on top since, stay in its chain as a
         pass-through."""
@@ -99,6 +108,9 @@ class SampleWrapper:
         p = self.p
         if isinstance(self.plan, FamRequestError):
             raise self.plan
+        conflict = refusal(p, self.plan.am_active)   # after every script's process
+        if conflict is not None:
+            raise conflict
         gen = self.host.generation(p, self.plan)
         setattr(p, GEN_ATTR, gen)
         try:
@@ -134,9 +146,11 @@ def begin_pass(p, gen: WebUIGeneration, webui: WebUI, x: torch.Tensor, noise: to
     """`process_before_every_sampling`: set FAM up on this pass's sampler, once per sampler
     (a WebUI may run the hook twice for one pass: the host's `refresh` then). The WebUI logs
     and swallows exceptions raised here, so an error is handed to the generation, which makes
-    the sampler raise it."""
+    the sampler raise it. An extension that hands both passes one sampler object does not
+    make the high-res pass a `refresh`."""
     try:
-        if gen.sampler is not None and gen.sampler is p.sampler:
+        hires_begins = gen.mode == "native" and getattr(p, "is_hr_pass", False)
+        if gen.sampler is not None and gen.sampler is p.sampler and not hires_begins:
             gen.refresh(p)
         else:
             _begin_pass(p, gen, webui, x, noise)
