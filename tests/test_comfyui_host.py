@@ -6,6 +6,7 @@ weights gives the reference images: the same generation through both must agree.
 import inspect
 import math
 import os
+import runpy
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -492,6 +493,13 @@ def test_comfyui_loads_the_folder_twice_without_importing_anything_heavy():
     out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_root_run_as_a_plain_module_registers_nothing_and_does_not_fail():
+    """pytest imports a checkout's root `__init__.py` without a package when the folder's
+    name is no package name (e.g. `ci.1a2b`); only ComfyUI's package load registers nodes."""
+    tables = runpy.run_path(os.path.join(ROOT, "__init__.py"))
+    assert tables["NODE_CLASS_MAPPINGS"] == tables["NODE_DISPLAY_NAME_MAPPINGS"] == {}
 
 
 def test_install_py_does_nothing_outside_a_webui():
