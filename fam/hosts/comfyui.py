@@ -14,7 +14,6 @@ run. No ComfyUI import at module level: CI runs this module with stand-ins."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -27,7 +26,7 @@ from ..layers import AttnLayer, LayerSelectionError, UNetLayout, discover
 from ..params import FamParams
 from ..record import Role
 from ..schedule import VPSchedule
-from .patcher import Attention, PatcherHooks, _Inputs, _through
+from .patcher import Attention, PatcherHooks, _Inputs, _through, control_residuals
 from .sdxl import native_size_vector
 from .unet_hooks import LATENT_FACTOR, NativeCall, Reference, _Current
 
@@ -290,13 +289,9 @@ class ComfyHooks(PatcherHooks):
 
     @staticmethod
     def _residuals(control: Any, x: torch.Tensor, args: Mapping[str, Any], c: dict):
-        """ControlNet residuals for latent x (the rows of the batch `args`): the hint is
-        resized to x by the ControlNet object itself."""
+        """ControlNet residuals for latent x (the rows of the batch `args`)."""
         chunks = len(args.get("cond_or_uncond") or ()) or 1
-        call = [x, args["timestep"], c, chunks]
-        if "transformer_options" in inspect.signature(control.get_control).parameters:
-            call.append(c.get("transformer_options", {}))
-        return control.get_control(*call)
+        return control_residuals(control, x, args["timestep"], c, chunks)
 
 
 def _uuids(args: Mapping[str, Any]) -> tuple:

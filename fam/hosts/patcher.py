@@ -74,30 +74,38 @@ def native_kwargs(c: Mapping[str, Any], hw) -> dict:
 
 def native_control(c: Mapping[str, Any], x: torch.Tensor, t: torch.Tensor, chunks: int,
                    cond: Mapping[str, Any]) -> Any:
-    """ControlNet residuals for a native-size UNet batch, from the ControlNet units of the
-    high-res call `c` (`c['control_model']`, the head of the host's linked list of units):
-    each unit resizes its hint to x itself, as for any call. The hint each unit keeps for the
-    high-res size is put back afterwards, so the next high-res call does not resize again.
-    None without units. A unit that cannot make them ends the replays, visibly."""
+    """ControlNet residuals for a native-size UNet batch from the ControlNet units of the
+    high-res call `c` (`c['control_model']`, the head of Forge's linked list of units); None
+    without units."""
     cnet = c.get("control_model")
     if cnet is None or not callable(getattr(cnet, "get_control", None)):
         return None
-    nodes, node = [], cnet
+    return control_residuals(cnet, x, t, cond, chunks)
+
+
+def control_residuals(control: Any, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any],
+                      chunks: int) -> Any:
+    """Residuals of a ControlNet object (and the units linked before it) for the UNet batch
+    x: each unit resizes its hint to x itself, as for any call. The hint each unit keeps for
+    the high-res size is put back afterwards, so the next high-res call does not resize
+    again. A unit that cannot make them ends the replays, visibly."""
+    nodes, node = [], control
     while node is not None and len(nodes) < 64:
         nodes.append((node, node.__dict__.get("cond_hint")))
         node = getattr(node, "previous_controlnet", None)
     args = [x, t, dict(cond), chunks]
-    if len(inspect.signature(cnet.get_control).parameters) >= 5:   # reForge
+    if len(inspect.signature(control.get_control).parameters) >= 5:   # reForge, ComfyUI
         args.append(cond.get("transformer_options", {}))
     try:
-        return cnet.get_control(*args)
+        return control.get_control(*args)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:120]
         raise ReplayUnavailable(f"ControlNet could not condition a native-size UNet call "
                                 f"({type(e).__name__}: {first})") from e
     finally:
         for node, hint in nodes:
-            node.cond_hint = hint
+            if hint is not None:
+                node.cond_hint = hint
 
 
 def is_fam(fn: Any) -> bool:
