@@ -75,7 +75,7 @@ class WebUIGeneration:
         self._vp = False
         self._switched = False          # the refiner took over during this pass
         self._pass_calls = 0            # CFG calls of the pass in progress
-        self._refiner: dict[str, tuple[float, int, int]] = {}   # mode: (σ, its call, calls)
+        self._refiner: dict[str, tuple[float, int]] = {}   # mode: (σ, the call it took over)
         self._last_sigma: float | None = None
         self._calls_since_callback = 0
 
@@ -203,18 +203,18 @@ class WebUIGeneration:
     def _switch(self, sigma: float) -> None:
         """The refiner took over this pass (from this CFG call on): AM stops."""
         self._switched = self.hooks.paused = True
-        self._refiner[self.mode] = (sigma, self._pass_calls, self._pass_calls)
+        self._refiner[self.mode] = (sigma, self._pass_calls)
 
     def _refiner_note(self) -> dict[str, str]:
         """Where AM did not run because the refiner ran: FAM records the base model's
         maps only, and the refiner's steps have none to follow."""
         notes = []
         if "native" in self._refiner:
-            s, _, _ = self._refiner["native"]
+            s, _ = self._refiner["native"]
             notes.append(f"the refiner ran the first pass from σ {s:.3g} on: hires steps "
                          "matched to those steps ran without AM")
         if "hires" in self._refiner:
-            s, at, calls = self._refiner["hires"]
+            (s, at), calls = self._refiner["hires"], self._pass_calls   # the hires pass's
             notes.append(f"AM off from the refiner switch at σ {s:.3g} on "
                          f"({calls - at + 1} of {calls} hires denoiser calls)")
         return {"FAM note": "; ".join(notes)} if notes else {}
@@ -226,9 +226,6 @@ class WebUIGeneration:
             s = self.sigma_of(sigma)   # the one host read of σ in this CFG call
             self._last_sigma, self._calls_since_callback = s, self._calls_since_callback + 1
             self._pass_calls += 1
-            if self._switched and self.mode in self._refiner:
-                sw, at, _ = self._refiner[self.mode]
-                self._refiner[self.mode] = (sw, at, self._pass_calls)
             self.hooks.sigma = s
             if self.mode == "native":   # FM's native size, whether or not a UNet hook runs
                 self.run.native_hw = tuple(x.shape[-2:])
