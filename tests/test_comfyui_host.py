@@ -557,8 +557,17 @@ def test_ui_workflows_match_the_api_ones():
         assert sorted(n["type"] for n in ui["nodes"]) == sorted(n["class_type"] for n in api.values())
 
 
-def test_pyproject_has_the_comfy_registry_table():
+def test_pyproject_has_the_comfy_registry_metadata():
+    """What comfy-cli reads to publish: a node id and an X.Y.Z version by the registry's rules,
+    and the [tool.comfy] keys (PublisherId stays empty until the publisher sets theirs)."""
+    import re
     import tomllib
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-        comfy_table = tomllib.load(f)["tool"]["comfy"]
-    assert comfy_table["DisplayName"].startswith("FAM Diffusion") and comfy_table["PublisherId"]
+        meta = tomllib.load(f)
+    project, comfy_table = meta["project"], meta["tool"]["comfy"]
+    assert re.fullmatch(r"[A-Za-z](?:[A-Za-z0-9]|[-_.](?![-_.]))*", project["name"])
+    assert len(project["name"]) < 100 and "comfyui" not in project["name"].lower()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
+    assert comfy_table["DisplayName"].startswith("FAM Diffusion")
+    assert isinstance(comfy_table["PublisherId"], str)
+    assert project.get("urls", {}).get("Repository", "https://").startswith("https://")
