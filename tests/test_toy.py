@@ -255,9 +255,27 @@ def test_attention_loss_only_for_the_world_with_copies(capsys):
     with pytest.raises(SystemExit):
         main(["--world", "stripes", "--attention-loss", "0.1"])
     assert "--attention-loss" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--world", "copies", "--t-min", "800", "--t-max", "700"])
+    assert "--t-min" in capsys.readouterr().err
     _, _, rec = train("copies", steps=1, batch=2, lr=1e-3, warmup=1, ema=0.9, seed=0, threads=1,
-                      progress=False, attention_loss_weight=0.1)
+                      progress=False, attention_loss_weight=0.1, t_range=(150, 750))
     assert rec["attention_loss"] == 0.1 and rec["final_attention_loss"] > 0
+    assert rec["t_range"] == [150, 750]
+
+
+def test_x0_weighting_changes_the_step_and_nothing_else():
+    from fam.toy.train import main, train
+    kw = dict(steps=1, batch=2, lr=1e-2, warmup=1, ema=0.0, seed=1, threads=1, progress=False)
+    eps, _, a = train("disc", **kw)
+    x0, _, b = train("disc", weighting="x0", **kw)
+    again, _, _ = train("disc", weighting="eps", **kw)
+    assert a["weighting"] == "eps" and b["weighting"] == "x0" and a["final_loss"] != b["final_loss"]
+    sa, sb, sc = eps.state_dict(), x0.state_dict(), again.state_dict()
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa)
+    assert all(torch.equal(sa[k], sc[k]) for k in sa)
+    with pytest.raises(SystemExit):
+        main(["--world", "disc", "--weighting", "v"])
 
 
 @pytest.mark.parametrize("world", list(WORLDS))

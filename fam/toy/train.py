@@ -36,7 +36,7 @@ from .model import (CHECKPOINTS, NATIVE, SCHEDULER_CONFIG, UNET_CONFIG, build_un
 from .worlds import WORLDS, PATCH, copies_scenes
 
 DEFAULTS = dict(steps=2000, batch=32, lr=1e-3, warmup=100, ema=0.999, seed=0, threads=2,
-                attention_loss=0.0)
+                attention_loss=0.0, t_min=0, t_max=1000, weighting="eps")
 SUPERVISED = "up_blocks.1"        # world 3: the token grid on which the copies' cells lie
 
 
@@ -97,11 +97,17 @@ def attention_loss(maps, heads: int, places) -> torch.Tensor:
 
 def train(world: str, steps: int, batch: int, lr: float, warmup: int, ema: float, seed: int,
           threads: int, progress: bool = True, snapshot=None, init: Path | None = None,
-          attention_loss_weight: float = 0.0):
+          attention_loss_weight: float = 0.0, t_range: tuple[int, int] = (0, 1000),
+          weighting: str = "eps"):
     """Returns (EMA UNet, prompt, record). Everything random comes from `seed`.
     `snapshot(step, ema_unet, prompt)`, if given, is called every 500 steps. `init`: a
     checkpoint of the same world whose weights and prompt the run starts from.
-    `attention_loss_weight` > 0 (world 3): the attention supervision of the module doc."""
+    `attention_loss_weight` > 0 (world 3): the attention supervision of the module doc.
+    `t_range`: the training timesteps drawn (uniformly), [lo, hi); a stage can dwell on the
+    noise levels where a world's structure is decided (world 3: where the texture is
+    half-visible, so that the other copy pays). `weighting` "x0": the ε error of each image
+    weighted by (1 − ᾱ)/ᾱ, i.e. the error of the x₀ it implies — the plain ε-loss counts a
+    wrong x₀ at t ≈ 200 ten times more than at t ≈ 500, where the other copy pays most."""
     if attention_loss_weight and world != "copies":
         raise ValueError(f"the attention loss needs the copies' places: world 'copies', not {world!r}")
     torch.set_num_threads(threads)
@@ -141,11 +147,15 @@ def train(world: str, steps: int, batch: int, lr: float, warmup: int, ema: float
             x0 = to_model(x0)
         else:
             x0 = to_model(images(batch, g_data))
-        t = torch.randint(0, len(ac), (batch,), generator=g_noise)
+        t = torch.randint(*t_range, (batch,), generator=g_noise)
         eps = torch.randn(x0.shape, generator=g_noise)
         a = ac[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=ctx).sample, eps)
+        if weighting == "x0":
+            err = (unet(xt, t, encoder_hidden_states=ctx).sample - eps).pow(2).mean((1, 2, 3))
+            loss = (err * (1 - ac[t]) / ac[t]).mean()
+        else:
+            loss = F.mse_loss(unet(xt, t, encoder_hidden_states=ctx).sample, eps)
         total = loss
         if kept:
             att = attention_loss([k.probs for k in kept.values()], heads, places)
@@ -171,7 +181,7 @@ def train(world: str, steps: int, batch: int, lr: float, warmup: int, ema: float
     if bar is not None:
         bar.close()
     record = dict(steps=steps, batch=batch, lr=lr, warmup=warmup, ema=ema, seed=seed,
-                  threads=threads, seconds=round(time.perf_counter() - t0, 1),
+                  threads=threads, t_range=list(t_range), weighting=weighting, seconds=round(time.perf_counter() - t0, 1),
                   cpu_seconds=round(time.process_time() - c0, 1),
                   final_loss=round(sum(losses[-200:]) / len(losses[-200:]), 5),
                   machine=f"{platform.machine()}, {torch.__version__}")
@@ -208,6 +218,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.steps < 1 or a.batch < 1 or a.threads < 1:
         ap.error("--steps, --batch and --threads must be at least 1")
+    if a.weighting not in ("eps", "x0"):
+        ap.error("--weighting: eps (the plain ε-loss) or x0 (the error of the x₀ it implies)")
+    if not 0 <= a.t_min < a.t_max <= 1000:
+        ap.error("--t-min and --t-max: 0 ≤ t-min < t-max ≤ 1000 (training timesteps drawn)")
     if a.attention_loss < 0 or (a.attention_loss and a.world != "copies"):
         ap.error("--attention-loss must be ≥ 0, and above 0 only for --world copies (it needs "
                  "the copies' places)")
@@ -230,7 +244,8 @@ def main(argv=None) -> int:
     unet, prompt, record = train(a.world, a.steps, a.batch, a.lr, a.warmup, a.ema, a.seed,
                                  a.threads, progress=not a.no_progress,
                                  snapshot=snapshot if a.snapshots else None, init=a.init,
-                                 attention_loss_weight=a.attention_loss)
+                                 attention_loss_weight=a.attention_loss, t_range=(a.t_min, a.t_max),
+                                 weighting=a.weighting)
     save_checkpoint(out, unet, prompt, dict(meta, training=record))
     print(f"{out}.safetensors: {record['steps']} steps in {record['seconds']:.0f} s, "
           f"final loss {record['final_loss']}")
