@@ -95,13 +95,17 @@ def table(rows, world: str, scales) -> str:
 
 AM_COMPARISONS = (("fam", "fm_only"), ("am_only", "hires_1.0"))
 AM_METRICS = {"stripes": "coherent_stripes", "copies": "copies_agree"}   # the worlds that ask
+# World 3's model is taught to copy in output blocks 2, 3, which "auto" (output blocks 0, 1
+# in that model) does not reach: its rule also compares AM on those blocks.
+TAUGHT_COMPARISONS = {"copies": (("fam:blocks=2,3", "fm_only"), ("am_only:blocks=2,3", "hires_1.0"))}
 
 
 def am_verdict(rows, world: str | None = None) -> list[str]:
     """The rule of docs/quality.md, fixed for each world before any of its FAM output was
     seen: AM shows a measurable benefit if, at some scale, FAM beats FM only, or AM only
     beats Hires fix at strength 1.0, on the world's AM metric (AM_METRICS) by more than
-    twice the standard error of the difference. `world` None: every world in `rows`."""
+    twice the standard error of the difference (world 3: also with AM on the blocks its
+    model was taught to copy in). `world` None: every world in `rows`."""
     if world is None:
         return [line for w in AM_METRICS for line in am_verdict(rows, w)]
     metric = AM_METRICS[world]
@@ -109,13 +113,13 @@ def am_verdict(rows, world: str | None = None) -> list[str]:
           if r["world"] == world and r["metric"] == metric}
     lines = []
     for scale in sorted({s for s, _ in by if s != 1}):
-        for a, b in AM_COMPARISONS:
+        for a, b in AM_COMPARISONS + TAUGHT_COMPARISONS.get(world, ()):
             if (scale, a) in by and (scale, b) in by:
                 ra, rb = by[scale, a], by[scale, b]
                 diff, se = ra["value"] - rb["value"], math.hypot(ra["se"], rb["se"])
                 verdict = "AM helps" if diff > 2 * se else "no measurable AM benefit"
-                lines.append(f"{scale:g}x {metric.replace('_', ' ')}: {METHODS[a].label} "
-                             f"- {METHODS[b].label} = {diff:+.2f} (2 SE = {2 * se:.2f}, "
+                lines.append(f"{scale:g}x {metric.replace('_', ' ')}: {method(a).label} "
+                             f"- {method(b).label} = {diff:+.2f} (2 SE = {2 * se:.2f}, "
                              f"N = {ra['n']}): {verdict}")
     return lines
 

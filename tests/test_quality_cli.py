@@ -38,6 +38,14 @@ def test_am_verdict_of_world_3_is_on_copies_agree():
     assert lines[0].startswith("2x copies agree: FAM (defaults) - FAM, FM only = +0.40")
     assert lines[0].endswith("AM helps")
     assert am_verdict(rows, "stripes") == []
+    taught = rows + [row(m, v, world="copies", metric="copies_agree")
+                     for m, v in (("am_only:blocks=2,3", 0.3), ("hires_1.0", 0.25))]
+    lines = am_verdict(taught, "copies")          # AM on the blocks the model was taught in
+    assert len(lines) == 2 and lines[1].startswith(
+        "2x copies agree: FAM, AM only, AM blocks 2,3 - Hires fix, strength 1.0 = +0.05")
+    assert lines[1].endswith("no measurable AM benefit")
+    assert am_verdict([dict(r, world="stripes", metric="coherent_stripes")
+                       for r in taught[-2:]], "stripes") == []      # world 3's comparison only
 
 
 def test_unknown_method_is_a_usage_error(capsys):

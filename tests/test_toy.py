@@ -203,6 +203,81 @@ def test_training_continues_from_a_checkpoint_of_its_world():
               progress=False, init=CHECKPOINTS / "disc")
 
 
+def test_copies_scenes_place_each_copy_where_they_say():
+    from fam.toy.worlds import PATCH, copies_scenes
+    x, places = copies_scenes(20, torch.Generator().manual_seed(6))
+    assert torch.equal(x, WORLDS["copies"].images(20, torch.Generator().manual_seed(6)))
+    for img, ((y1, x1), (y2, x2)) in zip(x, places):
+        a, b = img[:, y1:y1 + PATCH, x1:x1 + PATCH], img[:, y2:y2 + PATCH, x2:x2 + PATCH]
+        assert torch.equal(a, b) and a.amin() > 0
+        assert img.sum() == pytest.approx(2 * a.sum().item(), rel=1e-5)   # nothing else drawn
+
+
+def test_attention_supervision_reads_the_map_it_pulls():
+    """KeepMap is the plain attention (slow explicit map against the layer's own processor);
+    the loss finds each copy's twin on the token grid and is log 2 exactly when every patch
+    token's map is ½ on itself and ½ on its twin."""
+    from fam.toy.train import KeepMap, attention_loss, twin_tokens
+    from fam.toy.model import build_unet, unet_config
+    torch.manual_seed(0)
+    unet = build_unet(unet_config("copies")).eval()
+    x, t, ctx = torch.randn(2, 3, 32, 32), torch.tensor([10, 500]), torch.randn(2, 2, 16)
+    with torch.no_grad():
+        ref = unet(x, t, encoder_hidden_states=ctx).sample
+        kept = {n: KeepMap() for n, m in unet.named_modules()
+                if n.startswith("up_blocks.1") and n.endswith("attn1")}
+        for n, m in unet.named_modules():
+            if n in kept:
+                m.set_processor(kept[n])
+        out = unet(x, t, encoder_hidden_states=ctx).sample
+    assert len(kept) == 2 and torch.allclose(out, ref, atol=1e-5)
+    assert all(k.probs.shape == (2 * 8, 256, 256) for k in kept.values())   # 8 heads, 16×16 tokens
+    places = [[(2, 4), (20, 18)], [(10, 2), (12, 22)]]
+    img, tok, twin = twin_tokens(places, 16)
+    assert len(img) == 2 * 2 * 16
+    assert (img[0].item(), tok[0].item(), twin[0].item()) == (0, 1 * 16 + 2, 10 * 16 + 9)
+    assert set(zip(tok.tolist(), twin.tolist())) == set(zip(twin.tolist(), tok.tolist()))
+    ideal = torch.full((2, 256, 256), 1e-12)
+    ideal[img, tok, tok] = ideal[img, tok, twin] = 0.5
+    ideal = ideal.repeat_interleave(8, 0)                                    # every head alike
+    assert attention_loss([ideal], 8, places).item() == pytest.approx(math.log(2), abs=1e-4)
+    uniform = torch.full((16, 256, 256), 1 / 256)
+    assert attention_loss([uniform], 8, places).item() == pytest.approx(math.log(256), abs=1e-4)
+    swapped = attention_loss([ideal], 8, [places[1], places[0]]).item()      # the wrong twins
+    assert swapped > 5
+
+
+def test_attention_loss_only_for_the_world_with_copies(capsys):
+    from fam.toy.train import main, train
+    with pytest.raises(ValueError, match="world 'copies'"):
+        train("disc", steps=1, batch=2, lr=1e-3, warmup=1, ema=0.9, seed=0, threads=1,
+              progress=False, attention_loss_weight=0.1)
+    with pytest.raises(SystemExit):
+        main(["--world", "stripes", "--attention-loss", "0.1"])
+    assert "--attention-loss" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--world", "copies", "--t-min", "800", "--t-max", "700"])
+    assert "--t-min" in capsys.readouterr().err
+    _, _, rec = train("copies", steps=1, batch=2, lr=1e-3, warmup=1, ema=0.9, seed=0, threads=1,
+                      progress=False, attention_loss_weight=0.1, t_range=(150, 750))
+    assert rec["attention_loss"] == 0.1 and rec["final_attention_loss"] > 0
+    assert rec["t_range"] == [150, 750]
+
+
+def test_x0_weighting_changes_the_step_and_nothing_else():
+    from fam.toy.train import main, train
+    kw = dict(steps=1, batch=2, lr=1e-2, warmup=1, ema=0.0, seed=1, threads=1, progress=False)
+    eps, _, a = train("disc", **kw)
+    x0, _, b = train("disc", weighting="x0", **kw)
+    again, _, _ = train("disc", weighting="eps", **kw)
+    assert a["weighting"] == "eps" and b["weighting"] == "x0" and a["final_loss"] != b["final_loss"]
+    sa, sb, sc = eps.state_dict(), x0.state_dict(), again.state_dict()
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa)
+    assert all(torch.equal(sa[k], sc[k]) for k in sa)
+    with pytest.raises(SystemExit):
+        main(["--world", "disc", "--weighting", "v"])
+
+
 @pytest.mark.parametrize("world", list(WORLDS))
 def test_shipped_checkpoints(world):
     st, meta = CHECKPOINTS / f"{world}.safetensors", CHECKPOINTS / f"{world}.json"

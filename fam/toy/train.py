@@ -9,7 +9,14 @@ step (batch 32), AdamW with linear warm-up and cosine decay, gradient clipping, 
 the weights (the EMA is what is saved, in fp16). Seeded data, noise and initialisation and a
 fixed thread count: the same command gives the same weights. `--init` continues from an
 earlier checkpoint's weights (fresh optimiser and schedule): a model trained in two stages
-is rebuilt by its two commands, both recorded in its JSON."""
+is rebuilt by its two commands, both recorded in its JSON.
+
+`--attention-loss W` (world 3 only) adds W × a cross-entropy that pulls the self-attention
+maps of `up_blocks.1` (16×16 tokens, one per 2×2 texture cell) of every patch token onto its
+own position and its twin's in the other copy, half each: the generator knows where the twin
+is, so the optimiser need not discover copying by attention on its own (left to the
+denoising loss alone, it had not begun after 2350 steps, docs/quality.md). The sampled
+model still has to draw both copies itself, and without its attention it cannot."""
 
 from __future__ import annotations
 
@@ -26,9 +33,11 @@ import torch.nn.functional as F
 
 from .model import (CHECKPOINTS, NATIVE, SCHEDULER_CONFIG, UNET_CONFIG, build_unet,
                     load_checkpoint, save_checkpoint, to_model, unet_config)
-from .worlds import WORLDS
+from .worlds import WORLDS, PATCH, copies_scenes
 
-DEFAULTS = dict(steps=2000, batch=32, lr=1e-3, warmup=100, ema=0.999, seed=0, threads=2)
+DEFAULTS = dict(steps=2000, batch=32, lr=1e-3, warmup=100, ema=0.999, seed=0, threads=2,
+                attention_loss=0.0, t_min=0, t_max=1000, weighting="eps")
+SUPERVISED = "up_blocks.1"        # world 3: the token grid on which the copies' cells lie
 
 
 def alphas_cumprod(cfg: dict = SCHEDULER_CONFIG) -> torch.Tensor:
@@ -43,11 +52,64 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
 
 
+class KeepMap:
+    """attn1 processor for training: plain self-attention with its map computed explicitly
+    and kept (`probs`, (batch·heads, tokens, tokens)) for the supervision loss."""
+
+    def __init__(self):
+        self.probs = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        q, k, v = (attn.head_to_batch_dim(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        self.probs = attn.get_attention_scores(q, k)
+        out = attn.batch_to_head_dim(torch.bmm(self.probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def twin_tokens(places, side: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image, token, twin token) for every token of both copies on a side × side token grid
+    of the 32 px image (the copies' corners lie on the grid: even pixels for 16 × 16)."""
+    cell = NATIVE // side
+    n = PATCH // cell
+    rows = []
+    for i, ((y1, x1), (y2, x2)) in enumerate(places):
+        for r in range(n):
+            for c in range(n):
+                a = (y1 // cell + r) * side + x1 // cell + c
+                b = (y2 // cell + r) * side + x2 // cell + c
+                rows += [(i, a, b), (i, b, a)]
+    return torch.tensor(rows).unbind(1)
+
+
+def attention_loss(maps, heads: int, places) -> torch.Tensor:
+    """Cross-entropy of each patch token's head-averaged attention against ½ on itself and ½
+    on its twin (a token cannot tell its own copy from the other: both are the same place in
+    the same texture), averaged over the tokens of both copies and the layers in `maps`."""
+    total = 0.0
+    for probs in maps:
+        bh, t, _ = probs.shape
+        p = probs.view(bh // heads, heads, t, t).mean(1).clamp_min(1e-8).log()
+        img, tok, twin = twin_tokens(places, math.isqrt(t))
+        total = total - 0.5 * (p[img, tok, tok] + p[img, tok, twin]).mean()
+    return total / len(maps)
+
+
 def train(world: str, steps: int, batch: int, lr: float, warmup: int, ema: float, seed: int,
-          threads: int, progress: bool = True, snapshot=None, init: Path | None = None):
+          threads: int, progress: bool = True, snapshot=None, init: Path | None = None,
+          attention_loss_weight: float = 0.0, t_range: tuple[int, int] = (0, 1000),
+          weighting: str = "eps"):
     """Returns (EMA UNet, prompt, record). Everything random comes from `seed`.
     `snapshot(step, ema_unet, prompt)`, if given, is called every 500 steps. `init`: a
-    checkpoint of the same world whose weights and prompt the run starts from."""
+    checkpoint of the same world whose weights and prompt the run starts from.
+    `attention_loss_weight` > 0 (world 3): the attention supervision of the module doc.
+    `t_range`: the training timesteps drawn (uniformly), [lo, hi); a stage can dwell on the
+    noise levels where a world's structure is decided (world 3: where the texture is
+    half-visible, so that the other copy pays). `weighting` "x0": the ε error of each image
+    weighted by (1 − ᾱ)/ᾱ, i.e. the error of the x₀ it implies — the plain ε-loss counts a
+    wrong x₀ at t ≈ 200 ten times more than at t ≈ 500, where the other copy pays most."""
+    if attention_loss_weight and world != "copies":
+        raise ValueError(f"the attention loss needs the copies' places: world 'copies', not {world!r}")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     unet = build_unet(unet_config(world)).train()
@@ -61,6 +123,14 @@ def train(world: str, steps: int, batch: int, lr: float, warmup: int, ema: float
         unet.load_state_dict({k: v.float() for k, v in start.unet.state_dict().items()})
         prompt = start.prompt
     ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
+    kept = {}
+    if attention_loss_weight:
+        kept = {name: KeepMap() for name, _ in unet.named_modules()
+                if name.startswith(SUPERVISED) and name.endswith("attn1")}
+        for name, m in unet.named_modules():
+            if name in kept:
+                m.set_processor(kept[name])
+        heads = next(m for n, m in unet.named_modules() if n in kept).heads
     g_data = torch.Generator().manual_seed(seed + 1)
     g_noise = torch.Generator().manual_seed(seed + 2)
     ctx = prompt.expand(batch, -1, -1)
@@ -68,18 +138,31 @@ def train(world: str, steps: int, batch: int, lr: float, warmup: int, ema: float
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     images = WORLDS[world].images
     bar = _bar(steps, progress, world)
-    t0, losses = time.perf_counter(), []
+    t0, c0, losses, att_losses = time.perf_counter(), time.process_time(), [], []
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
-        x0 = to_model(images(batch, g_data))
-        t = torch.randint(0, len(ac), (batch,), generator=g_noise)
+        if kept:
+            x0, places = copies_scenes(batch, g_data)
+            x0 = to_model(x0)
+        else:
+            x0 = to_model(images(batch, g_data))
+        t = torch.randint(*t_range, (batch,), generator=g_noise)
         eps = torch.randn(x0.shape, generator=g_noise)
         a = ac[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=ctx).sample, eps)
+        if weighting == "x0":
+            err = (unet(xt, t, encoder_hidden_states=ctx).sample - eps).pow(2).mean((1, 2, 3))
+            loss = (err * (1 - ac[t]) / ac[t]).mean()
+        else:
+            loss = F.mse_loss(unet(xt, t, encoder_hidden_states=ctx).sample, eps)
+        total = loss
+        if kept:
+            att = attention_loss([k.probs for k in kept.values()], heads, places)
+            att_losses.append(att.item())
+            total = loss + attention_loss_weight * att
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         decay = min(ema, (1 + step) / (10 + step))
@@ -92,14 +175,19 @@ def train(world: str, steps: int, batch: int, lr: float, warmup: int, ema: float
         if bar is not None:
             bar.update(1)
             if step % 50 == 0:
-                bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+                bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}",
+                                **({"att": f"{sum(att_losses[-50:]) / len(att_losses[-50:]):.3f}"}
+                                   if att_losses else {}))
     if bar is not None:
         bar.close()
-    seconds = time.perf_counter() - t0
     record = dict(steps=steps, batch=batch, lr=lr, warmup=warmup, ema=ema, seed=seed,
-                  threads=threads, seconds=round(seconds, 1),
+                  threads=threads, t_range=list(t_range), weighting=weighting, seconds=round(time.perf_counter() - t0, 1),
+                  cpu_seconds=round(time.process_time() - c0, 1),
                   final_loss=round(sum(losses[-200:]) / len(losses[-200:]), 5),
                   machine=f"{platform.machine()}, {torch.__version__}")
+    if att_losses:
+        record.update(attention_loss=attention_loss_weight,
+                      final_attention_loss=round(sum(att_losses[-200:]) / len(att_losses[-200:]), 4))
     return ema_unet, prompt, record
 
 
@@ -110,11 +198,15 @@ def _bar(total, enabled, desc):
     return tqdm(total=total, desc=f"train {desc}", unit="step", file=sys.stderr)
 
 
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fam.toy.train", description=__doc__.split("\n")[0])
     ap.add_argument("--world", required=True, choices=sorted(WORLDS))
     for k, v in DEFAULTS.items():
-        ap.add_argument(f"--{k}", type=type(v), default=v)
+        ap.add_argument(_flag(k), type=type(v), default=v, dest=k)
     ap.add_argument("--out", type=Path, default=None,
                     help="checkpoint path without suffix (default: the shipped one, "
                          "fam/toy/checkpoints/<world>)")
@@ -126,17 +218,24 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.steps < 1 or a.batch < 1 or a.threads < 1:
         ap.error("--steps, --batch and --threads must be at least 1")
+    if a.weighting not in ("eps", "x0"):
+        ap.error("--weighting: eps (the plain ε-loss) or x0 (the error of the x₀ it implies)")
+    if not 0 <= a.t_min < a.t_max <= 1000:
+        ap.error("--t-min and --t-max: 0 ≤ t-min < t-max ≤ 1000 (training timesteps drawn)")
+    if a.attention_loss < 0 or (a.attention_loss and a.world != "copies"):
+        ap.error("--attention-loss must be ≥ 0, and above 0 only for --world copies (it needs "
+                 "the copies' places)")
     out = a.out or CHECKPOINTS / a.world
     w = WORLDS[a.world]
     meta = dict(world=w.name, number=w.number, summary=w.summary, native=NATIVE,
                 unet=unet_config(a.world), scheduler=SCHEDULER_CONFIG,
                 sampling=dict(sampler="euler", steps=20, guidance_scale=1.0),
                 command=" ".join(["python -m fam.toy.train --world", a.world] + [
-                    f"--{k} {getattr(a, k)}" for k, v in DEFAULTS.items() if getattr(a, k) != v]))
+                    f"{_flag(k)} {getattr(a, k)}" for k, v in DEFAULTS.items() if getattr(a, k) != v]))
     if a.init is not None:
         start = load_checkpoint(a.init).meta
         meta["command"] += f" --init {a.init}"
-        meta["init"] = dict(command=start.get("command"), training=start.get("training"))
+        meta["init"] = {k: start[k] for k in ("command", "training", "init") if k in start}
 
     def snapshot(step, unet, prompt):
         save_checkpoint(out.with_name(f"{out.name}-step{step}"), unet, prompt,
@@ -144,7 +243,9 @@ def main(argv=None) -> int:
 
     unet, prompt, record = train(a.world, a.steps, a.batch, a.lr, a.warmup, a.ema, a.seed,
                                  a.threads, progress=not a.no_progress,
-                                 snapshot=snapshot if a.snapshots else None, init=a.init)
+                                 snapshot=snapshot if a.snapshots else None, init=a.init,
+                                 attention_loss_weight=a.attention_loss, t_range=(a.t_min, a.t_max),
+                                 weighting=a.weighting)
     save_checkpoint(out, unet, prompt, dict(meta, training=record))
     print(f"{out}.safetensors: {record['steps']} steps in {record['seconds']:.0f} s, "
           f"final loss {record['final_loss']}")

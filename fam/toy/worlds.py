@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["World", "WORLDS", "STRIPE_PERIOD", "PATCH"]
+__all__ = ["World", "WORLDS", "STRIPE_PERIOD", "PATCH", "copies_scenes"]
 
 STRIPE_PERIOD = 3.0
 PATCH = 8                   # world 3: side of each copy (native px)
@@ -82,17 +82,25 @@ def _places(g: torch.Generator) -> list[tuple[int, int]]:
             return [(y1, x1), (y2, x2)]
 
 
-def copies_images(n: int, g: torch.Generator, scale: int = 1) -> torch.Tensor:
+def copies_scenes(n: int, g: torch.Generator, scale: int = 1):
+    """World 3's images and, per image, the native top-left corners of its two copies (what
+    the training's attention supervision needs to find each position's twin)."""
     colour = _colour(n, g, 0.75)
     texture = _texture(n, g)
     out = torch.zeros(n, 3, 32 * scale, 32 * scale)
     p = PATCH * scale
+    places = []
     for i in range(n):
         patch = texture[i] * colour[i][:, None, None]
         patch = patch.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
-        for y, x in _places(g):
+        places.append(_places(g))
+        for y, x in places[-1]:
             out[i, :, y * scale:y * scale + p, x * scale:x * scale + p] = patch
-    return out
+    return out, places
+
+
+def copies_images(n: int, g: torch.Generator, scale: int = 1) -> torch.Tensor:
+    return copies_scenes(n, g, scale)[0]
 
 
 @dataclass(frozen=True)
