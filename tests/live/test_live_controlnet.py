@@ -8,6 +8,7 @@ from client import infotext
 from combos import FIRST, NATIVE, check, family, hint, plain_unchanged, webui  # noqa: F401
 
 TXT, IMG = "/sdapi/v1/txt2img", "/sdapi/v1/img2img"
+RESULT = slice(0, 1)      # in txt2img ControlNet appends its hint (detected map) to the images
 
 
 def unit(host, family, image, **over):
@@ -26,16 +27,16 @@ def test_txt2img_hires_fix_with_a_unit(webui, family, option, budget):
     cn = {"controlnet": [unit(webui, family, hint(FIRST), hr_option=option)]}
     fam_args = {} if budget is None else {"record_budget_mb": budget}
     r = webui.generate(**webui.body(family, fam_args=fam_args, scripts=cn))
-    info = check(r, 2 * FIRST)
+    info = check(r, 2 * FIRST, images=RESULT)
     assert "ControlNet 0" in infotext(r)
-    assert info["FAM AM path"] == ("record" if budget is None else "recompute")
+    assert info.get("FAM AM path") == (None if budget is None else "recompute")   # only the recompute path is named
 
 
 def test_txt2img_plain_controlnet_unchanged_by_a_fam_run(webui, family):
     cn = {"controlnet": [unit(webui, family, hint(FIRST))]}
     r = plain_unchanged(webui, TXT, webui.body(family, scripts=cn),
                         webui.body(family, fam_args={"record_budget_mb": 0}, scripts=cn))
-    check(r, 2 * FIRST)
+    check(r, 2 * FIRST, images=RESULT)
 
 
 def test_img2img_upscaling_with_a_tile_unit(webui, family):
