@@ -107,7 +107,7 @@ def train(world: str, steps: int, batch: int, lr: float, warmup: int, ema: float
     noise levels where a world's structure is decided (world 3: where the texture is
     half-visible, so that the other copy pays). `weighting` "x0": the ε error of each image
     weighted by (1 − ᾱ)/ᾱ, i.e. the error of the x₀ it implies — the plain ε-loss counts a
-    wrong x₀ at t ≈ 200 ten times more than at t ≈ 500, where the other copy pays most."""
+    wrong x₀ at t ≈ 200 eight times more than at t ≈ 500, where the other copy pays most."""
     if attention_loss_weight and world != "copies":
         raise ValueError(f"the attention loss needs the copies' places: world 'copies', not {world!r}")
     torch.set_num_threads(threads)
@@ -181,7 +181,8 @@ def train(world: str, steps: int, batch: int, lr: float, warmup: int, ema: float
     if bar is not None:
         bar.close()
     record = dict(steps=steps, batch=batch, lr=lr, warmup=warmup, ema=ema, seed=seed,
-                  threads=threads, t_range=list(t_range), weighting=weighting, seconds=round(time.perf_counter() - t0, 1),
+                  threads=threads, t_range=list(t_range), weighting=weighting,
+                  seconds=round(time.perf_counter() - t0, 1),
                   cpu_seconds=round(time.process_time() - c0, 1),
                   final_loss=round(sum(losses[-200:]) / len(losses[-200:]), 5),
                   machine=f"{platform.machine()}, {torch.__version__}")
