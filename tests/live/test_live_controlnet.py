@@ -5,7 +5,7 @@ Preprocessor "none" with a given hint, so nothing is downloaded."""
 import pytest
 
 from client import infotext
-from combos import FIRST, NATIVE, check, family, hint, plain_unchanged, webui  # noqa: F401
+from combos import FIRST, NATIVE, check, family, hint, plain_unchanged, refused, webui  # noqa: F401
 
 TXT, IMG = "/sdapi/v1/txt2img", "/sdapi/v1/img2img"
 RESULT = slice(0, 1)      # in txt2img ControlNet appends its hint (detected map) to the images
@@ -59,3 +59,18 @@ def test_img2img_upscaling_with_two_units(webui, family):
     info = check(r, NATIVE[family] + 64)
     assert info["FAM AM path"] == "recompute" and "FAM ControlNet" in info
     assert "ControlNet 1" in infotext(r)
+
+
+def test_reference_unit_is_refused_while_am_is_on(webui, family):
+    """A reference unit rewrites self-attention, where AM works: refused by name with AM on,
+    FM alone beside it with AM off. Needs no ControlNet model."""
+    if family != "sd1":
+        pytest.skip("the refusal does not depend on the model family")
+    webui.controlnet(family)                        # skips without ControlNet
+    module = next((m for m in webui._controlnet[1] if m.lower().startswith("reference")), None)
+    if module is None:
+        pytest.skip(f"{webui} lists no reference preprocessor")
+    cn = {"controlnet": [unit(webui, family, hint(FIRST), module=module, model="None")]}
+    refused(webui, TXT, webui.body(family, fam_args={}, scripts=cn), f"ControlNet {module} unit")
+    r = webui.generate(**webui.body(family, fam_args={"am_enabled": False}, scripts=cn))
+    assert check(r, 2 * FIRST, images=RESULT)["FAM AM"] == "False"
