@@ -51,9 +51,14 @@ class Host(WebUI):
         r = self.get("/sdapi/v1/scripts") or {}
         return {tab: {t.lower() for t in r.get(tab, [])} for tab in ("txt2img", "img2img")}
 
-    def need_script(self, title: str, tab: str = "txt2img") -> None:
-        if title.lower() not in self.scripts[tab]:
+    def need_script(self, title: str, tab: str = "txt2img") -> str:
+        """The server's title for a script: `title`, or one that adds words to it (forks add
+        or drop suffixes such as " (SD 1.x, SD 2.x, SDXL)"); skips when there is none."""
+        low = title.lower()
+        found = sorted(t for t in self.scripts[tab] if t == low or t.startswith(low + " "))
+        if not found:
             pytest.skip(f"{self} has no {title!r} script ({tab})")
+        return found[0]
 
     @functools.cached_property
     def options(self) -> dict:

@@ -15,11 +15,12 @@ import pytest
 from client import same_pixels
 from combos import FIRST, check, refused, webui  # noqa: F401
 
-# title, positional args (the API fills the rest with the UI's defaults)
+# title (Forge main adds " (SD 1.x, SD 2.x, SDXL)" to some, reForge not), positional args
+# (the API fills the rest with the UI's defaults)
 WORKS = {
-    "sag": ("SelfAttentionGuidance Integrated (SD 1.x, SD 2.x, SDXL)", [True, 0.5, 2.0, 1.0]),
+    "sag": ("SelfAttentionGuidance Integrated", [True, 0.5, 2.0, 1.0]),
     "pag": ("PerturbedAttentionGuidance Integrated", [True, 3.0, 0.0, 0.0, 1.0]),
-    "freeu": ("FreeU Integrated (SD 1.x, SD 2.x, SDXL)", [True, 1.5, 1.6, 0.9, 0.2, 0.0, 1.0]),
+    "freeu": ("FreeU Integrated", [True, 1.5, 1.6, 0.9, 0.2, 0.0, 1.0]),
     # mimic scale 1 and a 0.9 percentile clamp CFG 7 (at mimic = CFG it is a no-op)
     "dynthres": ("DynamicThresholding (CFG-Fix) Integrated", [True, 1.0, 0.9]),
     # Reinhard tone-mapping of the CFG difference (its default sharpness acts on late steps only)
@@ -48,8 +49,8 @@ def job(host, name, with_fam=True, am=True):
         return host.call("/sdapi/v1/txt2img", host.body("sd1", fam_args=fam_args))
     title, args, extra = {**{k: (*v, {}) for k, v in WORKS.items()}, **AM_CONFLICTS,
                           "neveroom": (NEVER_OOM, [True, False], {})}[name]
-    return host.call("/sdapi/v1/txt2img",
-                     host.body("sd1", fam_args=fam_args, scripts={title: args}, **extra))
+    return host.call("/sdapi/v1/txt2img", host.body(
+        "sd1", fam_args=fam_args, scripts={host.need_script(title): args}, **extra))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -85,8 +86,9 @@ def test_fam_with_the_extension_differs_from_fam_alone(webui, name):
 def test_am_conflict_is_refused_by_name_and_fm_runs_alone(webui, name):
     title, args, extra = AM_CONFLICTS[name]
     need(webui, title)
+    listed = webui.need_script(title)
     detail = refused(webui, "/sdapi/v1/txt2img",
-                     webui.body("sd1", fam_args={}, scripts={title: args}, **extra), title)
+                     webui.body("sd1", fam_args={}, scripts={listed: args}, **extra), title)
     assert "Attention Modulation" in detail
     off = ok(webui, name, am=False)
     assert len(off["images"]) == extra.get("batch_size", 1)
