@@ -55,11 +55,15 @@ def test_xyz_plot_over_the_lora_weight(webui, family):
     (a,) = webui.loras(family)
     _, info = webui.call("/sdapi/v1/script-info")
     xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
-    x = xyz["args"][0]["choices"].index("Prompt S/R")
-    grid = webui.generate(**webui.body(
-        family, fam_args={}, prompt=prompt(a), script_name="x/y/z plot",
-        script_args=[x, "0.8, 0.3", None, 0, "", None, 0, "", None,
-                     True, True, False, False, False, False, False, 0, False]))
+    # the script's own defaults, by label (forks add arguments: reForge's script takes 21)
+    args = [arg["choices"].index(arg["value"]) if arg["label"].endswith(" type")  # by index
+            else arg["value"] for arg in xyz["args"]]
+    labels = [arg["label"] for arg in xyz["args"]]
+    args[0] = xyz["args"][0]["choices"].index("Prompt S/R")
+    args[1] = "0.8, 0.3"
+    args[labels.index("Include Sub Images")] = True        # the cells, after the grid
+    grid = webui.generate(**webui.body(family, fam_args={}, prompt=prompt(a),
+                                       script_name="x/y/z plot", script_args=args))
     texts = json.loads(grid["info"])["infotexts"]
     assert len(grid["images"]) == 3 and f"{a}:0.3>" in texts[2]    # the grid, then the cells
     for i in (1, 2):
