@@ -10,11 +10,11 @@ long-range paths — self-attention, which AM modulates. (Two orientations, not 
 a tiny model drew a continuum of 3 px gratings as a maze of short stripes even at its own
 size.)
 
-`copies` (world 3, long-range correspondence): TWO identical 8×8 px patches of one random
-fine texture at distant places (centres ≥ 16 px apart), random colour, black background.
-The texture is random bits with each 2×2 cell's mean removed: it lies almost entirely
-outside FM's guided band, and no local computation can make the second copy from the first
-— only self-attention can match the two patches position by position (docs/quality.md)."""
+`copies` (world 3, long-range correspondence): TWO identical 8×8 px patches of one fine
+texture at distant places (centres ≥ 16 px apart), random colour, black background. The
+texture is one of a fixed codebook of random-bit patterns with each 2×2 cell's mean
+removed: it lies almost entirely outside FM's guided band, and no local computation can
+make the second copy pick the first's pattern — only self-attention can (docs/quality.md)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["World", "WORLDS", "STRIPE_PERIOD", "PATCH", "copies_scenes"]
+__all__ = ["World", "WORLDS", "STRIPE_PERIOD", "PATCH", "CODEBOOK", "copies_scenes"]
 
 STRIPE_PERIOD = 3.0
 PATCH = 8                   # world 3: side of each copy (native px)
@@ -62,13 +62,27 @@ def stripe_images(n: int, g: torch.Generator, scale: int = 1) -> torch.Tensor:
     return (alpha * shade)[:, None] * _colour(n, g, 0.6)[:, :, None, None]
 
 
-def _texture(n: int, g: torch.Generator) -> torch.Tensor:
+def _random_textures(n: int, g: torch.Generator) -> torch.Tensor:
     """(n, PATCH, PATCH) luminance in [0.245, 0.995]: random bits minus the mean of each
     2×2 cell (the cells lie on the model's 16×16 token grid), so only the finest frequencies
     carry it: 9 % of its variance lies in FM's guided band (plain white noise: 21 %)."""
     w = torch.randint(0, 2, (n, 1, PATCH, PATCH), generator=g).float()
     cell = F.avg_pool2d(w, 2).repeat_interleave(2, -2).repeat_interleave(2, -1)
     return (0.62 + 0.5 * (w - cell))[:, 0]
+
+
+# World 3's textures: a fixed codebook of CODEBOOK_SIZE such patterns, one drawn per image.
+# The two copies must agree on which one: about three bits to carry from one copy to the
+# other (64 random bits per image were more than the tiny model's attention learnt to carry,
+# docs/quality.md), while independent choices agree only 1 time in CODEBOOK_SIZE. Seed 2030:
+# of seeds 2026–2065, the one whose distinct patterns agree least (copy agreement ≤ 0.45 at
+# 1–3×, tests/test_toy.py; the threshold is 0.6).
+CODEBOOK_SIZE = 8
+CODEBOOK = _random_textures(CODEBOOK_SIZE, torch.Generator().manual_seed(2030))
+
+
+def _texture(n: int, g: torch.Generator) -> torch.Tensor:
+    return CODEBOOK[torch.randint(0, CODEBOOK_SIZE, (n,), generator=g)]
 
 
 def _places(g: torch.Generator) -> list[tuple[int, int]]:
@@ -116,6 +130,6 @@ WORLDS = {w.name: w for w in (
     World("disc", 1, "one disc, radius 6-10 px, random colour, black background", disc_images),
     World("stripes", 2, "one disc, radius 8-12 px, filled with horizontal or vertical "
           "3 px stripes, random colour, black background", stripe_images),
-    World("copies", 3, "two identical 8 px patches of one random fine texture, far apart, "
+    World("copies", 3, "two identical 8 px patches of one of 8 fine textures, far apart, "
           "random colour, black background", copies_images),
 )}
