@@ -35,9 +35,11 @@ AM_CONFLICTS = {
 NEVER_OOM = "Never OOM Integrated"
 
 
-def need(host, title):
-    host.need_script(title)
+def need(host, title) -> str:
+    """The server's title for the script (skips without it or an SD1 checkpoint)."""
+    listed = host.need_script(title)
     host.checkpoint("sd1")
+    return listed
 
 
 @functools.cache
@@ -85,8 +87,7 @@ def test_fam_with_the_extension_differs_from_fam_alone(webui, name):
 @pytest.mark.parametrize("name", AM_CONFLICTS)
 def test_am_conflict_is_refused_by_name_and_fm_runs_alone(webui, name):
     title, args, extra = AM_CONFLICTS[name]
-    need(webui, title)
-    listed = webui.need_script(title)
+    listed = need(webui, title)
     detail = refused(webui, "/sdapi/v1/txt2img",
                      webui.body("sd1", fam_args={}, scripts={listed: args}, **extra), title)
     assert "Attention Modulation" in detail
