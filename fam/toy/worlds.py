@@ -10,11 +10,14 @@ long-range paths — self-attention, which AM modulates. (Two orientations, not 
 a tiny model drew a continuum of 3 px gratings as a maze of short stripes even at its own
 size.)
 
-`copies` (world 3, long-range correspondence): TWO identical 8×8 px patches of one fine
-texture at distant places (centres ≥ 16 px apart), random colour, black background. The
-texture is one of a fixed codebook of random-bit patterns with each 2×2 cell's mean
-removed: it lies almost entirely outside FM's guided band, and no local computation can
-make the second copy pick the first's pattern — only self-attention can (docs/quality.md)."""
+`copies` (world 3, long-range correspondence): TWO 8×8 px patches of one fine texture at
+distant places (centres ≥ 16 px apart), random colour, black background. The texture is one
+of a fixed codebook of random-bit patterns with each 2×2 cell's mean removed: it lies almost
+entirely outside FM's guided band. The first copy (the leader) shows it at full contrast,
+the second (the follower) at FOLLOWER × that contrast, so while denoising the leader's
+pattern is legible long before the follower's own pixels say which it is: the follower can
+only pick the leader's pattern by looking at it, across the image — what self-attention
+does (docs/quality.md)."""
 
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ __all__ = ["World", "WORLDS", "STRIPE_PERIOD", "PATCH", "CODEBOOK", "copies_scen
 STRIPE_PERIOD = 3.0
 PATCH = 8                   # world 3: side of each copy (native px)
 MIN_DISTANCE = 16           # world 3: least distance between the copies' centres (native px)
+FOLLOWER = 0.3              # world 3: the second copy's texture contrast, relative to the first's
+BASE = 0.62                 # world 3: a patch's luminance without its texture
 
 
 def _colour(n: int, g: torch.Generator, lo: float) -> torch.Tensor:
@@ -68,7 +73,7 @@ def _random_textures(n: int, g: torch.Generator) -> torch.Tensor:
     carry it: 9 % of its variance lies in FM's guided band (plain white noise: 21 %)."""
     w = torch.randint(0, 2, (n, 1, PATCH, PATCH), generator=g).float()
     cell = F.avg_pool2d(w, 2).repeat_interleave(2, -2).repeat_interleave(2, -1)
-    return (0.62 + 0.5 * (w - cell))[:, 0]
+    return (BASE + 0.5 * (w - cell))[:, 0]
 
 
 # World 3's textures: a fixed codebook of CODEBOOK_SIZE such patterns, one drawn per image.
@@ -97,18 +102,20 @@ def _places(g: torch.Generator) -> list[tuple[int, int]]:
 
 
 def copies_scenes(n: int, g: torch.Generator, scale: int = 1):
-    """World 3's images and, per image, the native top-left corners of its two copies (what
-    the training's attention supervision needs to find each position's twin)."""
+    """World 3's images and, per image, the native top-left corners of its two copies, the
+    leader's first (what the training's attention supervision needs to find each position's
+    twin)."""
     colour = _colour(n, g, 0.75)
-    texture = _texture(n, g)
+    leader = _texture(n, g)
+    follower = BASE + FOLLOWER * (leader - BASE)
     out = torch.zeros(n, 3, 32 * scale, 32 * scale)
     p = PATCH * scale
     places = []
     for i in range(n):
-        patch = texture[i] * colour[i][:, None, None]
-        patch = patch.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
         places.append(_places(g))
-        for y, x in places[-1]:
+        for (y, x), texture in zip(places[-1], (leader[i], follower[i])):
+            patch = texture * colour[i][:, None, None]
+            patch = patch.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
             out[i, :, y * scale:y * scale + p, x * scale:x * scale + p] = patch
     return out, places
 
@@ -130,6 +137,6 @@ WORLDS = {w.name: w for w in (
     World("disc", 1, "one disc, radius 6-10 px, random colour, black background", disc_images),
     World("stripes", 2, "one disc, radius 8-12 px, filled with horizontal or vertical "
           "3 px stripes, random colour, black background", stripe_images),
-    World("copies", 3, "two identical 8 px patches of one of 8 fine textures, far apart, "
-          "random colour, black background", copies_images),
+    World("copies", 3, "two 8 px patches of one of 8 fine textures, far apart, the second "
+          "at 0.3 of the first's contrast, random colour, black background", copies_images),
 )}
