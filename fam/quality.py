@@ -198,8 +198,8 @@ def main(argv=None) -> int:
                          "does not pass its feasibility check, see docs/quality.md)")
     ap.add_argument("--scale", nargs="+", type=float, default=[2, 3])
     ap.add_argument("--method", nargs="+", default=list(METHODS),
-                    help=f"{', '.join(METHODS)} (default: all), or FAM / AM only with one AM "
-                         "setting changed: fam:lambda=0.3, am_only:blocks=2,3; "
+                    help=f"{', '.join(METHODS)} (default: all), or FAM / AM only with AM "
+                         "settings changed: fam:lambda=0.3, am_only:blocks=2,3, fam:blocks=2,3:lambda=0.5; "
                          "native:attention=off: the native pass without self-attention")
     ap.add_argument("--n", type=int, default=64, help="images per (world, scale, method)")
     ap.add_argument("--batch", type=int, default=16, help="images per generation call")

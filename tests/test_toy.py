@@ -377,14 +377,75 @@ def test_native_pass_without_self_attention():
     assert torch.equal(x, out[NO_ATTENTION])
 
 
-def test_method_variants_change_one_am_setting():
+def test_method_variants_change_am_settings():
     from fam.toy import method
     m = method("fam:lambda=0.3")
     assert m.params == METHODS["fam"].params.replace(am_lambda=0.3) and m.label == "FAM, λ 0.3"
     b = method("am_only:blocks=2,3")
     assert b.params == METHODS["am_only"].params.replace(am_blocks="2,3")
     assert b.label == "FAM, AM only, AM blocks 2,3"
+    both = method("fam:blocks=2,3:lambda=0.5")
+    assert both.params == METHODS["fam"].params.replace(am_blocks="2,3", am_lambda=0.5)
+    assert both.label == "FAM, AM blocks 2,3, λ 0.5"
     assert method("fam") is METHODS["fam"]
-    for bad in ("hires_1.0:lambda=0.3", "fam:lambda", "fam:rho=1", "fam:lambda=2", "fam:blocks=x"):
+    for bad in ("hires_1.0:lambda=0.3", "fam:lambda", "fam:rho=1", "fam:lambda=2", "fam:blocks=x",
+                "fam:lambda=0.3:lambda=0.5", "fam:", "fam:lambda=0.3:"):
         with pytest.raises(ValueError, match="method|FAM setting"):
             method(bad)
+
+
+def test_follower_weight_counts_the_follower_pixels_only(capsys):
+    """The weight map marks exactly the second place's patch; the loss it gives is the slow,
+    explicit per-pixel weighted mean; other worlds and non-positive weights are refused."""
+    from fam.toy.train import follower_weights, main, train
+    from fam.toy.worlds import PATCH, copies_scenes
+    x, places = copies_scenes(6, torch.Generator().manual_seed(2))
+    w = follower_weights(places, 11.0)
+    for img, wi, (_, (y, xx)) in zip(x, w, places):
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[y:y + PATCH, xx:xx + PATCH] = True
+        assert (wi[0][inside] == 11).all() and (wi[0][~inside] == 1).all()
+        follower = img[:, inside]
+        assert follower.std() < img[:, ~inside][img[:, ~inside] > 0].std()    # the faint copy
+    kw = dict(steps=1, batch=2, lr=1e-2, warmup=1, ema=0.0, seed=1, threads=1, progress=False)
+    plain, _, a = train("copies", **kw)
+    weighted, _, b = train("copies", follower_weight=11.0, **kw)
+    assert "follower_weight" not in a and b["follower_weight"] == 11.0
+    assert b["final_loss"] > a["final_loss"]                  # the same first batch, weighted
+    assert any(not torch.equal(p, q) for p, q in zip(plain.parameters(), weighted.parameters()))
+    with pytest.raises(ValueError, match="world 'copies'"):
+        train("disc", follower_weight=2.0, **kw)
+    for argv in (["--world", "stripes", "--follower-weight", "2"],
+                 ["--world", "copies", "--follower-weight", "0"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "--follower-weight" in capsys.readouterr().err
+
+
+def test_carry_targets_are_the_leaders_cells_slow_reference():
+    """leader_cells against an explicit loop: every token of both copies gets the leader's
+    clean 2×2 cell at the same place in the patch, each channel minus its cell mean."""
+    from fam.toy.train import leader_cells, main, train
+    from fam.toy.worlds import PATCH, copies_scenes
+    x, places = copies_scenes(3, torch.Generator().manual_seed(8))
+    img, tok, target = leader_cells(x.double(), places)
+    assert len(img) == 3 * 2 * (PATCH // 2) ** 2 and target.shape[1] == 12
+    seen = {}
+    for i, ((y1, x1), (y2, x2)) in enumerate(places):
+        for r in range(0, PATCH, 2):
+            for c in range(0, PATCH, 2):
+                cell = x[i, :, y1 + r:y1 + r + 2, x1 + c:x1 + c + 2].double()
+                want = (cell - cell.mean((1, 2), keepdim=True)).flatten()
+                for y, xx in ((y1, x1), (y2, x2)):
+                    seen[(i, ((y + r) // 2) * 16 + (xx + c) // 2)] = want
+    assert len(seen) == len(img)
+    for i, k, got in zip(img.tolist(), tok.tolist(), target):
+        torch.testing.assert_close(got, seen[(i, k)])
+    _, _, rec = train("copies", steps=1, batch=2, lr=1e-3, warmup=1, ema=0.9, seed=0, threads=1,
+                      progress=False, carry_loss_weight=0.1)
+    assert rec["carry_loss"] == 0.1 and rec["final_carry_loss"] > 0 and "attention_loss" not in rec
+    with pytest.raises(ValueError, match="world 'copies'"):
+        train("disc", steps=1, batch=2, lr=1e-3, warmup=1, ema=0.9, seed=0, threads=1,
+              progress=False, carry_loss_weight=0.1)
+    with pytest.raises(SystemExit):
+        main(["--world", "disc", "--carry-loss", "0.1"])

@@ -42,27 +42,29 @@ _VARIANTS = {"lambda": ("am_lambda", float, "λ {}"), "blocks": ("am_blocks", st
 
 
 def method(name: str) -> Method:
-    """A method by name: one of METHODS, or FAM / AM only with one AM setting changed, for
-    the sweeps that choose the defaults: `fam:lambda=0.3`, `am_only:blocks=2,3` (ldm
-    output-block indices, as FamParams.am_blocks takes them)."""
+    """A method by name: one of METHODS, or FAM / AM only with AM settings changed, for the
+    sweeps that choose the defaults: `fam:lambda=0.3`, `am_only:blocks=2,3` (ldm
+    output-block indices, as FamParams.am_blocks takes them), or both,
+    `fam:blocks=2,3:lambda=0.3`."""
     if name in METHODS:
         return METHODS[name]
     if name == NO_ATTENTION:
         return Method(name, "native, self-attention off")
-    base, _, change = name.partition(":")
-    key, _, value = change.partition("=")
-    if base not in ("fam", "am_only") or key not in _VARIANTS or not value:
+    base, *changes = name.split(":")
+    pairs = [change.partition("=") for change in changes]
+    if (base not in ("fam", "am_only") or not pairs
+            or any(key not in _VARIANTS or not value for key, _, value in pairs)
+            or len({key for key, _, _ in pairs}) < len(pairs)):
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}, or "
-                         f"fam / am_only with :lambda=<0-1> or :blocks=<i,j,...>, or {NO_ATTENTION}")
-    field, kind, label = _VARIANTS[key]
+                         f"fam / am_only with :lambda=<0-1> and/or :blocks=<i,j,...>, or {NO_ATTENTION}")
     m = METHODS[base]
     try:
-        params = m.params.replace(**{field: kind(value)})
+        params = m.params.replace(**{_VARIANTS[key][0]: _VARIANTS[key][1](value) for key, _, value in pairs})
     except ValueError as e:
         raise ValueError(f"method {name!r}: {e}") from None
-    shown = params.am_blocks if key == "blocks" else f"{params.am_lambda:g}"
-    base_label = "FAM" if base == "fam" else m.label
-    return Method(name, f"{base_label}, {label.format(shown)}", params)
+    shown = {"lambda": f"{params.am_lambda:g}", "blocks": params.am_blocks}
+    labels = [_VARIANTS[key][2].format(shown[key]) for key, _, _ in pairs]
+    return Method(name, ", ".join(["FAM" if base == "fam" else m.label, *labels]), params)
 
 
 @dataclass

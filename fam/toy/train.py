@@ -16,7 +16,16 @@ maps of `up_blocks.1` (16×16 tokens, one per 2×2 texture cell) of every patch 
 own position and its twin's in the other copy, half each: the generator knows where the twin
 is, so the optimiser need not discover copying by attention on its own (left to the
 denoising loss alone, it had not begun after 2350 steps, docs/quality.md). The sampled
-model still has to draw both copies itself, and without its attention it cannot."""
+model still has to draw both copies itself, and without its attention it cannot.
+
+`--carry-loss W` (world 3 only) adds W × the error of a linear read-out (trained with the
+model, not saved) of the leader's clean 2×2 cell from what the supervised attention layers
+output at each token of either copy: the maps already look at the twin, and this teaches the
+values to bring the twin's texture along (without it they carried none, docs/quality.md).
+
+`--follower-weight W` (world 3 only) counts the error on the follower copy's pixels W times:
+its texture has 0.3 of the leader's contrast, so at W = 1 / 0.3² ≈ 11 a wrong follower costs
+as much as a wrong leader (at W = 1 the copying it asks for is worth 9 % of that)."""
 
 from __future__ import annotations
 
@@ -36,7 +45,8 @@ from .model import (CHECKPOINTS, NATIVE, SCHEDULER_CONFIG, UNET_CONFIG, build_un
 from .worlds import WORLDS, PATCH, copies_scenes
 
 DEFAULTS = dict(steps=2000, batch=32, lr=1e-3, warmup=100, ema=0.999, seed=0, threads=2,
-                attention_loss=0.0, t_min=0, t_max=1000, weighting="eps")
+                attention_loss=0.0, t_min=0, t_max=1000, weighting="eps", follower_weight=1.0,
+                carry_loss=0.0)
 SUPERVISED = "up_blocks.1"        # world 3: the token grid on which the copies' cells lie
 
 
@@ -54,17 +64,18 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 class KeepMap:
     """attn1 processor for training: plain self-attention with its map computed explicitly
-    and kept (`probs`, (batch·heads, tokens, tokens)) for the supervision loss."""
+    and kept (`probs`, (batch·heads, tokens, tokens)) for the supervision loss, and its
+    output before `to_out` (`mixed`, (batch, tokens, channels)) for the carry loss."""
 
     def __init__(self):
-        self.probs = None
+        self.probs = self.mixed = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
         q, k, v = (attn.head_to_batch_dim(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
         self.probs = attn.get_attention_scores(q, k)
-        out = attn.batch_to_head_dim(torch.bmm(self.probs, v))
-        return attn.to_out[1](attn.to_out[0](out))
+        self.mixed = attn.batch_to_head_dim(torch.bmm(self.probs, v))
+        return attn.to_out[1](attn.to_out[0](self.mixed))
 
 
 def twin_tokens(places, side: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,6 +91,46 @@ def twin_tokens(places, side: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
                 b = (y2 // cell + r) * side + x2 // cell + c
                 rows += [(i, a, b), (i, b, a)]
     return torch.tensor(rows).unbind(1)
+
+
+def follower_weights(places, weight: float) -> torch.Tensor:
+    """(n, 1, 32, 32): `weight` on each image's follower copy (its second place), 1 elsewhere."""
+    w = torch.ones(len(places), 1, NATIVE, NATIVE)
+    for i, (_, (y, x)) in enumerate(places):
+        w[i, :, y:y + PATCH, x:x + PATCH] = weight
+    return w
+
+
+def leader_cells(x0: torch.Tensor, places, side: int = 16):
+    """(image, token, target) for every token of both copies on the side × side grid: the
+    target is the leader's (first place's) clean cell at the same place in the patch, each
+    channel minus its cell mean (the texture alone), flattened to 3 · cell² values."""
+    cell = NATIVE // side
+    n = PATCH // cell
+    cells = F.unfold(x0, cell, stride=cell)                       # (B, 3·cell², side²)
+    cells = cells.view(x0.shape[0], 3, cell * cell, side * side)
+    cells = (cells - cells.mean(2, keepdim=True)).flatten(1, 2).transpose(1, 2)   # (B, side², 3·cell²)
+    img, tok, lead = [], [], []
+    for i, ((y1, x1), (y2, x2)) in enumerate(places):
+        for r in range(n):
+            for c in range(n):
+                src = (y1 // cell + r) * side + x1 // cell + c
+                for y, x in ((y1, x1), (y2, x2)):
+                    img.append(i)
+                    tok.append((y // cell + r) * side + x // cell + c)
+                    lead.append(src)
+    img, tok, lead = (torch.tensor(v) for v in (img, tok, lead))
+    return img, tok, cells[img, lead]
+
+
+def carry_loss(mixed, heads_out, x0: torch.Tensor, places) -> torch.Tensor:
+    """Mean squared error of each read-out head (one per supervised layer) on the tokens of
+    both copies against the leader's clean cell (`leader_cells`)."""
+    total = 0.0
+    for m, head in zip(mixed, heads_out):
+        img, tok, target = leader_cells(x0, places, math.isqrt(m.shape[1]))
+        total = total + F.mse_loss(head(m[img, tok]), target)
+    return total / len(mixed)
 
 
 def attention_loss(maps, heads: int, places) -> torch.Tensor:
@@ -98,7 +149,7 @@ def attention_loss(maps, heads: int, places) -> torch.Tensor:
 def train(world: str, steps: int, batch: int, lr: float, warmup: int, ema: float, seed: int,
           threads: int, progress: bool = True, snapshot=None, init: Path | None = None,
           attention_loss_weight: float = 0.0, t_range: tuple[int, int] = (0, 1000),
-          weighting: str = "eps"):
+          weighting: str = "eps", follower_weight: float = 1.0, carry_loss_weight: float = 0.0):
     """Returns (EMA UNet, prompt, record). Everything random comes from `seed`.
     `snapshot(step, ema_unet, prompt)`, if given, is called every 500 steps. `init`: a
     checkpoint of the same world whose weights and prompt the run starts from.
@@ -107,9 +158,12 @@ def train(world: str, steps: int, batch: int, lr: float, warmup: int, ema: float
     noise levels where a world's structure is decided (world 3: where the texture is
     half-visible, so that the other copy pays). `weighting` "x0": the ε error of each image
     weighted by (1 − ᾱ)/ᾱ, i.e. the error of the x₀ it implies — the plain ε-loss counts a
-    wrong x₀ at t ≈ 200 eight times more than at t ≈ 500, where the other copy pays most."""
-    if attention_loss_weight and world != "copies":
-        raise ValueError(f"the attention loss needs the copies' places: world 'copies', not {world!r}")
+    wrong x₀ at t ≈ 200 eight times more than at t ≈ 500, where the other copy pays most.
+    `follower_weight` ≠ 1 (world 3): the error on the follower's pixels counts that many times.
+    `carry_loss_weight` > 0 (world 3): the carry loss of the module doc."""
+    if (attention_loss_weight or follower_weight != 1 or carry_loss_weight) and world != "copies":
+        raise ValueError(f"the attention and carry losses and the follower weight need the "
+                         f"copies' places: world 'copies', not {world!r}")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     unet = build_unet(unet_config(world)).train()
@@ -124,46 +178,59 @@ def train(world: str, steps: int, batch: int, lr: float, warmup: int, ema: float
         prompt = start.prompt
     ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
     kept = {}
-    if attention_loss_weight:
+    if attention_loss_weight or carry_loss_weight:
         kept = {name: KeepMap() for name, _ in unet.named_modules()
                 if name.startswith(SUPERVISED) and name.endswith("attn1")}
         for name, m in unet.named_modules():
             if name in kept:
                 m.set_processor(kept[name])
-        heads = next(m for n, m in unet.named_modules() if n in kept).heads
+        layer = next(m for n, m in unet.named_modules() if n in kept)
+        heads = layer.heads
+    readouts = torch.nn.ModuleList(
+        torch.nn.Linear(layer.to_out[0].in_features, 3 * (NATIVE // 16) ** 2) for _ in kept
+    ) if carry_loss_weight else torch.nn.ModuleList()
     g_data = torch.Generator().manual_seed(seed + 1)
     g_noise = torch.Generator().manual_seed(seed + 2)
     ctx = prompt.expand(batch, -1, -1)
     ac = alphas_cumprod()
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([*unet.parameters(), *readouts.parameters()], lr=lr, weight_decay=0.0)
     images = WORLDS[world].images
     bar = _bar(steps, progress, world)
-    t0, c0, losses, att_losses = time.perf_counter(), time.process_time(), [], []
+    t0, c0, losses, att_losses, carry_losses = time.perf_counter(), time.process_time(), [], [], []
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
-        if kept:
+        wmap = None
+        if kept or follower_weight != 1:
             x0, places = copies_scenes(batch, g_data)
             x0 = to_model(x0)
+            if follower_weight != 1:
+                wmap = follower_weights(places, follower_weight)
         else:
             x0 = to_model(images(batch, g_data))
         t = torch.randint(*t_range, (batch,), generator=g_noise)
         eps = torch.randn(x0.shape, generator=g_noise)
         a = ac[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        if weighting == "x0":
-            err = (unet(xt, t, encoder_hidden_states=ctx).sample - eps).pow(2).mean((1, 2, 3))
-            loss = (err * (1 - ac[t]) / ac[t]).mean()
+        pred = unet(xt, t, encoder_hidden_states=ctx).sample
+        if weighting == "eps" and wmap is None:
+            loss = F.mse_loss(pred, eps)
         else:
-            loss = F.mse_loss(unet(xt, t, encoder_hidden_states=ctx).sample, eps)
+            err = (pred - eps).pow(2)
+            err = (err if wmap is None else err * wmap).mean((1, 2, 3))
+            loss = (err * (1 - ac[t]) / ac[t]).mean() if weighting == "x0" else err.mean()
         total = loss
-        if kept:
+        if attention_loss_weight:
             att = attention_loss([k.probs for k in kept.values()], heads, places)
             att_losses.append(att.item())
-            total = loss + attention_loss_weight * att
+            total = total + attention_loss_weight * att
+        if carry_loss_weight:
+            carry = carry_loss([k.mixed for k in kept.values()], readouts, x0, places)
+            carry_losses.append(carry.item())
+            total = total + carry_loss_weight * carry
         opt.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([*unet.parameters(), *readouts.parameters()], 1.0)
         opt.step()
         decay = min(ema, (1 + step) / (10 + step))
         with torch.no_grad():
@@ -175,21 +242,28 @@ def train(world: str, steps: int, batch: int, lr: float, warmup: int, ema: float
         if bar is not None:
             bar.update(1)
             if step % 50 == 0:
-                bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}",
-                                **({"att": f"{sum(att_losses[-50:]) / len(att_losses[-50:]):.3f}"}
-                                   if att_losses else {}))
+                bar.set_postfix(loss=f"{_mean(losses, 50):.4f}",
+                                **({"att": f"{_mean(att_losses, 50):.3f}"} if att_losses else {}),
+                                **({"carry": f"{_mean(carry_losses, 50):.4f}"} if carry_losses else {}))
     if bar is not None:
         bar.close()
     record = dict(steps=steps, batch=batch, lr=lr, warmup=warmup, ema=ema, seed=seed,
                   threads=threads, t_range=list(t_range), weighting=weighting,
+                  **({"follower_weight": follower_weight} if follower_weight != 1 else {}),
                   seconds=round(time.perf_counter() - t0, 1),
                   cpu_seconds=round(time.process_time() - c0, 1),
-                  final_loss=round(sum(losses[-200:]) / len(losses[-200:]), 5),
+                  final_loss=round(_mean(losses, 200), 5),
                   machine=f"{platform.machine()}, {torch.__version__}")
     if att_losses:
         record.update(attention_loss=attention_loss_weight,
-                      final_attention_loss=round(sum(att_losses[-200:]) / len(att_losses[-200:]), 4))
+                      final_attention_loss=round(_mean(att_losses, 200), 4))
+    if carry_losses:
+        record.update(carry_loss=carry_loss_weight, final_carry_loss=round(_mean(carry_losses, 200), 5))
     return ema_unet, prompt, record
+
+
+def _mean(values, last: int) -> float:
+    return sum(values[-last:]) / len(values[-last:])
 
 
 def _bar(total, enabled, desc):
@@ -226,6 +300,12 @@ def main(argv=None) -> int:
     if a.attention_loss < 0 or (a.attention_loss and a.world != "copies"):
         ap.error("--attention-loss must be ≥ 0, and above 0 only for --world copies (it needs "
                  "the copies' places)")
+    if a.carry_loss < 0 or (a.carry_loss and a.world != "copies"):
+        ap.error("--carry-loss must be ≥ 0, and above 0 only for --world copies (it needs the "
+                 "copies' places)")
+    if a.follower_weight <= 0 or (a.follower_weight != 1 and a.world != "copies"):
+        ap.error("--follower-weight must be > 0, and other than 1 only for --world copies (it "
+                 "needs the copies' places)")
     out = a.out or CHECKPOINTS / a.world
     w = WORLDS[a.world]
     meta = dict(world=w.name, number=w.number, summary=w.summary, native=NATIVE,
@@ -246,7 +326,8 @@ def main(argv=None) -> int:
                                  a.threads, progress=not a.no_progress,
                                  snapshot=snapshot if a.snapshots else None, init=a.init,
                                  attention_loss_weight=a.attention_loss, t_range=(a.t_min, a.t_max),
-                                 weighting=a.weighting)
+                                 weighting=a.weighting, follower_weight=a.follower_weight,
+                                 carry_loss_weight=a.carry_loss)
     save_checkpoint(out, unet, prompt, dict(meta, training=record))
     print(f"{out}.safetensors: {record['steps']} steps in {record['seconds']:.0f} s, "
           f"final loss {record['final_loss']}")
