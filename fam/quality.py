@@ -28,8 +28,8 @@ from .toy.metrics import METRICS, score
 __all__ = ["evaluate", "table", "am_verdict", "grid", "figure", "main"]
 
 FIGURE_METHODS = ("native", "hires_1.0", "fam")
-# The worlds whose models draw their world; the shipped model of world 3 does not make its
-# copies agree even at its own size, so it has no FAM result to give (docs/quality.md).
+# The worlds whose models draw their world; the shipped model of world 3 does not yet pass
+# its feasibility check (docs/quality.md), so it has no FAM result to give.
 DEFAULT_WORLDS = ("disc", "stripes")
 
 
