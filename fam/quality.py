@@ -28,8 +28,8 @@ from .toy.metrics import METRICS, score
 __all__ = ["evaluate", "table", "am_verdict", "grid", "figure", "main"]
 
 FIGURE_METHODS = ("native", "hires_1.0", "fam")
-# The worlds whose models draw their world; the shipped model of world 3 does not yet pass
-# its feasibility check (docs/quality.md), so it has no FAM result to give.
+# The worlds measured by default; world 3's model passes its feasibility check but has not
+# been measured yet (docs/quality.md), so it runs only when asked.
 DEFAULT_WORLDS = ("disc", "stripes")
 
 
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fam.quality", description=__doc__.split("\n")[0])
     ap.add_argument("--world", nargs="+", choices=sorted(WORLDS), default=list(DEFAULT_WORLDS),
                     help="default: disc stripes (world 3, copies, only when asked: its model "
-                         "does not pass its feasibility check, see docs/quality.md)")
+                         "has no FAM result yet, see docs/quality.md)")
     ap.add_argument("--scale", nargs="+", type=float, default=[2, 3])
     ap.add_argument("--method", nargs="+", default=list(METHODS),
                     help=f"{', '.join(METHODS)} (default: all), or FAM / AM only with AM "
