@@ -137,6 +137,7 @@ WORLDS = {w.name: w for w in (
     World("disc", 1, "one disc, radius 6-10 px, random colour, black background", disc_images),
     World("stripes", 2, "one disc, radius 8-12 px, filled with horizontal or vertical "
           "3 px stripes, random colour, black background", stripe_images),
-    World("copies", 3, "two 8 px patches of one of 8 fine textures, far apart, the second "
-          "at 0.3 of the first's contrast, random colour, black background", copies_images),
+    World("copies", 3, f"two 8 px patches of one of {CODEBOOK_SIZE} fine textures, far apart, "
+          f"the second at {FOLLOWER:g} of the first's contrast, random colour, black background",
+          copies_images),
 )}
