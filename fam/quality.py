@@ -3,6 +3,7 @@ where plain high-resolution sampling breaks it?
 
     python -m fam.quality                      # worlds 1 and 2, 2× and 3×, N = 64 per cell
     python -m fam.quality --json               # {"rows": [{world, scale, method, n, metric, value, se}]}
+    python -m fam.quality --world copies       # world 3, built so that only attention copies
     python -m fam.quality --figure docs/images/fam-vs-hiresfix.png   # README figure only
 
 Per world and scale it renders native, direct at the target size, plain Hires fix at
@@ -28,8 +29,7 @@ from .toy.metrics import METRICS, score
 __all__ = ["evaluate", "table", "am_verdict", "grid", "figure", "main"]
 
 FIGURE_METHODS = ("native", "hires_1.0", "fam")
-# The worlds measured by default; world 3's model passes its feasibility check but has not
-# been measured yet (docs/quality.md), so it runs only when asked.
+# The worlds measured by default; world 3 (about 30 min more on 2 cores) runs only when asked.
 DEFAULT_WORLDS = ("disc", "stripes")
 
 
@@ -194,12 +194,13 @@ def figure(path: Path, world: str = "disc", scale: float = 2, seed: int = 0, col
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fam.quality", description=__doc__.split("\n")[0])
     ap.add_argument("--world", nargs="+", choices=sorted(WORLDS), default=list(DEFAULT_WORLDS),
-                    help="default: disc stripes (world 3, copies, only when asked: its model "
-                         "has no FAM result yet, see docs/quality.md)")
+                    help="default: disc stripes (world 3, copies, only when asked: about "
+                         "30 min more, see docs/quality.md)")
     ap.add_argument("--scale", nargs="+", type=float, default=[2, 3])
     ap.add_argument("--method", nargs="+", default=list(METHODS),
-                    help=f"{', '.join(METHODS)} (default: all), or FAM / AM only with AM "
-                         "settings changed: fam:lambda=0.3, am_only:blocks=2,3, fam:blocks=2,3:lambda=0.5; "
+                    help=f"{', '.join(METHODS)} (default: all), or FAM / FM only / AM only with "
+                         "settings changed: fam:lambda=0.3, am_only:blocks=2,3, fm_only:cutoff=0.25, "
+                         "fam:blocks=2,3:lambda=0.5; "
                          "native:attention=off: the native pass without self-attention")
     ap.add_argument("--n", type=int, default=64, help="images per (world, scale, method)")
     ap.add_argument("--batch", type=int, default=16, help="images per generation call")

@@ -33,6 +33,8 @@ def test_am_verdict_needs_more_than_twice_the_se_of_the_difference():
 def test_am_verdict_of_world_3_is_on_copies_agree():
     rows = [row(m, v, metric=k, world="copies") for m, v in (("fam", 0.6), ("fm_only", 0.2))
             for k in ("copies_agree", "two_patches")]
+    rows += [row(m, v, metric="copies_agree_in_place", world="copies")    # a diagnostic, not the rule
+             for m, v in (("fam", 0.0), ("fm_only", 0.9))]
     lines = am_verdict(rows)
     assert lines == am_verdict(rows, "copies") and len(lines) == 1
     assert lines[0].startswith("2x copies agree: FAM (defaults) - FAM, FM only = +0.40")

@@ -150,26 +150,50 @@ def test_copies_world_places_two_copies_of_one_texture_far_apart():
 
 @pytest.mark.parametrize("scale", [1, 2, 3])
 def test_copy_metrics_pass_copies_and_reject_everything_else(scale):
-    ok = score("copies", patch_pair(scale), None, scale)
-    assert ok == {"two_patches": True, "copies_agree": True}
-    assert score("copies", patch_pair(scale, shift=0), None, scale)["copies_agree"]
+    native = patch_pair(1)
+
+    def copies(img):
+        return score("copies", img, native, scale)
+
+    assert copies(patch_pair(scale)) == {
+        "two_patches": True, "copies_agree": True, "copies_agree_in_place": True}
+    assert copies(patch_pair(scale, shift=0))["copies_agree"]
     other = 0.65 + 0.45 * (np.random.default_rng(9).random((8, 8)) - 0.5)
-    apart = score("copies", patch_pair(scale, texture_b=other), None, scale)
-    assert apart == {"two_patches": True, "copies_agree": False}
+    assert copies(patch_pair(scale, texture_b=other)) == {
+        "two_patches": True, "copies_agree": False, "copies_agree_in_place": False}
     flat = patch_pair(scale, texture_b=np.full((8, 8), 0.65))
-    assert not score("copies", flat, None, scale)["copies_agree"]
+    assert not copies(flat)["copies_agree"] and not copies(flat)["copies_agree_in_place"]
     ramp = np.linspace(0.4, 1.0, 8)[None, :] * np.ones((8, 1))
     shaded = patch_pair(scale, texture_b=ramp + 0.3 * (other - 0.65))
     shaded[4 * scale:12 * scale, 4 * scale:12 * scale] *= np.kron(ramp / ramp.mean(), np.ones((scale, scale)))[..., None]
-    assert not score("copies", shaded, None, scale)["copies_agree"]   # shared shading only
-    assert score("copies", patch_pair(scale, size=(8, 5)), None, scale) == {
-        "two_patches": False, "copies_agree": False}                    # not a square
+    assert not copies(shaded)["copies_agree"]                       # shared shading only
+    assert not copies(shaded)["copies_agree_in_place"]
+    narrow = copies(patch_pair(scale, size=(8, 5)))                 # not a square
+    assert not narrow["two_patches"] and not narrow["copies_agree"]
     one = patch_pair(scale)
     one[18 * scale:, :] = 0
-    assert not score("copies", one, None, scale)["two_patches"]
+    assert not copies(one)["two_patches"] and not copies(one)["copies_agree_in_place"]
     three = patch_pair(scale)
     three[2 * scale:10 * scale, 20 * scale:28 * scale] = three[4 * scale:12 * scale, 4 * scale:12 * scale]
-    assert not score("copies", three, None, scale)["two_patches"]
+    assert not copies(three)["two_patches"]
+
+
+@pytest.mark.parametrize("scale", [2, 3])
+def test_copies_agree_in_place_reads_the_native_places_not_the_segmentation(scale):
+    """Copies whose squares have a ragged edge fail *two patches*, yet at the native image's
+    places their textures agree; a copy moved off its native place, or a native image without
+    two patches, does not count."""
+    native = patch_pair(1)
+    ragged = patch_pair(scale)
+    for y, x in ((4, 4), (18, 20)):                    # a dim tab on each square's right edge
+        ragged[(y + 2) * scale:(y + 5) * scale, (x + 8) * scale:(x + 11) * scale] = 0.3
+    s = score("copies", ragged, native, scale)
+    assert s == {"two_patches": False, "copies_agree": False, "copies_agree_in_place": True}
+    moved = score("copies", patch_pair(scale, shift=4), native, scale)
+    assert moved["copies_agree"] and not moved["copies_agree_in_place"]
+    lone = native.copy()
+    lone[18:, :] = 0
+    assert not score("copies", patch_pair(scale), lone, scale)["copies_agree_in_place"]
 
 
 def test_copy_agreement_threshold_separates_copies_from_independent_textures():
@@ -377,7 +401,7 @@ def test_native_pass_without_self_attention():
     assert torch.equal(x, out[NO_ATTENTION])
 
 
-def test_method_variants_change_am_settings():
+def test_method_variants_change_fam_settings():
     from fam.toy import method
     m = method("fam:lambda=0.3")
     assert m.params == METHODS["fam"].params.replace(am_lambda=0.3) and m.label == "FAM, λ 0.3"
@@ -387,8 +411,14 @@ def test_method_variants_change_am_settings():
     both = method("fam:blocks=2,3:lambda=0.5")
     assert both.params == METHODS["fam"].params.replace(am_blocks="2,3", am_lambda=0.5)
     assert both.label == "FAM, AM blocks 2,3, λ 0.5"
+    box = method("fm_only:cutoff=0.25")
+    assert box.params == METHODS["fm_only"].params.replace(fm_cutoff=0.25)
+    assert box.label == "FAM, FM only, FM c 0.25"
+    assert method("fam:cutoff=0.25:blocks=2,3").params == METHODS["fam"].params.replace(
+        fm_cutoff=0.25, am_blocks="2,3")
     assert method("fam") is METHODS["fam"]
     for bad in ("hires_1.0:lambda=0.3", "fam:lambda", "fam:rho=1", "fam:lambda=2", "fam:blocks=x",
+                "fam:cutoff=1.5", "native:cutoff=0.25",
                 "fam:lambda=0.3:lambda=0.5", "fam:", "fam:lambda=0.3:"):
         with pytest.raises(ValueError, match="method|FAM setting"):
             method(bad)

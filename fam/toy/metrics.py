@@ -18,6 +18,11 @@ components smaller than `SPECK` of the image are specks and ignored.
 - `two_patches` (world 3): exactly two objects, each a filled square (bounding-box aspect
   ≥ `ASPECT`, ≥ `SQUARE_FILL` of its box filled), sides within `SIZE_RATIO` of each other.
 - `copies_agree` (world 3): two patches whose textures agree: `copy_agreement` ≥ `AGREEMENT`.
+- `copies_agree_in_place` (world 3, a diagnostic added after the first FAM results, not in
+  the verdict rule): the native image has two patches, and at their places (× s) the
+  high-res image's textures agree, ≥ `AGREEMENT`. The high-res image is not segmented, so
+  squares drawn with soft edges (which fail `two_patches`) still show whether their
+  textures agree.
 
 The thresholds were fixed from the worlds' own images at 1×, 2× and 3× and from constructed
 failures (tests/test_toy.py) before any FAM output was scored; docs/quality.md says why."""
@@ -47,7 +52,7 @@ AGREEMENT = 0.6
 
 METRICS = {"disc": ("one_round_disc", "matches_native"),
            "stripes": ("one_round_disc", "coherent_stripes", "native_orientation"),
-           "copies": ("two_patches", "copies_agree")}
+           "copies": ("two_patches", "copies_agree", "copies_agree_in_place")}
 
 
 @dataclass(frozen=True)
@@ -184,12 +189,21 @@ def copy_agreement(img: np.ndarray, boxes, scale: float) -> float:
     return best
 
 
+def _scaled(box, scale: float) -> tuple[int, int, int, int]:
+    """A native box (y, x, h, w) at `scale`, its edges rounded (so it stays inside the image)."""
+    y, x, h, w = box
+    y0, x0 = round(y * scale), round(x * scale)
+    return y0, x0, round((y + h) * scale) - y0, round((x + w) * scale) - x0
+
+
 def score(world: str, img: np.ndarray, native: np.ndarray, scale: float) -> dict[str, bool]:
     """Every metric of `world` for one image and the native image it came from."""
     if world == "copies":
         boxes = two_patches(img)
+        in_place = [_scaled(box, scale) for box in two_patches(native) or ()]
         return {"two_patches": boxes is not None,
-                "copies_agree": boxes is not None and copy_agreement(img, boxes, scale) >= AGREEMENT}
+                "copies_agree": boxes is not None and copy_agreement(img, boxes, scale) >= AGREEMENT,
+                "copies_agree_in_place": bool(in_place) and copy_agreement(img, in_place, scale) >= AGREEMENT}
     disc, ref = round_disc(img), round_disc(native)
     out = {"one_round_disc": disc is not None}
     if world == "disc":

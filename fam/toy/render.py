@@ -38,31 +38,34 @@ METHODS = {m.name: m for m in (
 # The native pass with every self-attention layer's output 0: does the model need its
 # attention for the world's structure? (The feasibility check of docs/quality.md.)
 NO_ATTENTION = "native:attention=off"
-_VARIANTS = {"lambda": ("am_lambda", float, "λ {}"), "blocks": ("am_blocks", str, "AM blocks {}")}
+_VARIANTS = {"lambda": ("am_lambda", float, "λ {}"), "blocks": ("am_blocks", str, "AM blocks {}"),
+             "cutoff": ("fm_cutoff", float, "FM c {}")}
+_VARIED = ("fam", "fm_only", "am_only")
 
 
 def method(name: str) -> Method:
-    """A method by name: one of METHODS, or FAM / AM only with AM settings changed, for the
-    sweeps that choose the defaults: `fam:lambda=0.3`, `am_only:blocks=2,3` (ldm
-    output-block indices, as FamParams.am_blocks takes them), or both,
-    `fam:blocks=2,3:lambda=0.3`."""
+    """A method by name: one of METHODS, or FAM / FM only / AM only with settings changed,
+    for the sweeps that choose the defaults: `fam:lambda=0.3`, `am_only:blocks=2,3` (ldm
+    output-block indices, as FamParams.am_blocks takes them), `fm_only:cutoff=0.25` (FM's
+    box), or several, `fam:blocks=2,3:lambda=0.3`."""
     if name in METHODS:
         return METHODS[name]
     if name == NO_ATTENTION:
         return Method(name, "native, self-attention off")
     base, *changes = name.split(":")
     pairs = [change.partition("=") for change in changes]
-    if (base not in ("fam", "am_only") or not pairs
+    if (base not in _VARIED or not pairs
             or any(key not in _VARIANTS or not value for key, _, value in pairs)
             or len({key for key, _, _ in pairs}) < len(pairs)):
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}, or "
-                         f"fam / am_only with :lambda=<0-1> and/or :blocks=<i,j,...>, or {NO_ATTENTION}")
+                         f"{' / '.join(_VARIED)} with :lambda=<0-1>, :blocks=<i,j,...> and/or "
+                         f":cutoff=<0-1>, or {NO_ATTENTION}")
     m = METHODS[base]
     try:
         params = m.params.replace(**{_VARIANTS[key][0]: _VARIANTS[key][1](value) for key, _, value in pairs})
     except ValueError as e:
         raise ValueError(f"method {name!r}: {e}") from None
-    shown = {"lambda": f"{params.am_lambda:g}", "blocks": params.am_blocks}
+    shown = {"lambda": f"{params.am_lambda:g}", "blocks": params.am_blocks, "cutoff": f"{params.fm_cutoff:g}"}
     labels = [_VARIANTS[key][2].format(shown[key]) for key, _, _ in pairs]
     return Method(name, ", ".join(["FAM" if base == "fam" else m.label, *labels]), params)
 
