@@ -47,7 +47,8 @@ from .worlds import WORLDS, PATCH, copies_scenes
 DEFAULTS = dict(steps=2000, batch=32, lr=1e-3, warmup=100, ema=0.999, seed=0, threads=2,
                 attention_loss=0.0, t_min=0, t_max=1000, weighting="eps", follower_weight=1.0,
                 carry_loss=0.0)
-SUPERVISED = "up_blocks.1"        # world 3: the token grid on which the copies' cells lie
+SUPERVISED = "up_blocks.1"        # world 3: the token grid on which the copies' cells lie:
+SIDE = NATIVE // 2                # SIDE × SIDE tokens, one per 2×2 cell
 
 
 def alphas_cumprod(cfg: dict = SCHEDULER_CONFIG) -> torch.Tensor:
@@ -101,7 +102,7 @@ def follower_weights(places, weight: float) -> torch.Tensor:
     return w
 
 
-def leader_cells(x0: torch.Tensor, places, side: int = 16):
+def leader_cells(x0: torch.Tensor, places, side: int = SIDE):
     """(image, token, target) for every token of both copies on the side × side grid: the
     target is the leader's (first place's) clean cell at the same place in the patch, each
     channel minus its cell mean (the texture alone), flattened to 3 · cell² values."""
@@ -187,7 +188,7 @@ def train(world: str, steps: int, batch: int, lr: float, warmup: int, ema: float
         layer = next(m for n, m in unet.named_modules() if n in kept)
         heads = layer.heads
     readouts = torch.nn.ModuleList(
-        torch.nn.Linear(layer.to_out[0].in_features, 3 * (NATIVE // 16) ** 2) for _ in kept
+        torch.nn.Linear(layer.to_out[0].in_features, 3 * (NATIVE // SIDE) ** 2) for _ in kept
     ) if carry_loss_weight else torch.nn.ModuleList()
     g_data = torch.Generator().manual_seed(seed + 1)
     g_noise = torch.Generator().manual_seed(seed + 2)
